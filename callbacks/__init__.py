@@ -1,0 +1,1 @@
+"""Evaluation, visualisation and result-file callbacks, and the streaming metrics behind them."""

@@ -1,0 +1,1 @@
+"""StreetHazards data: the datamodule, anomaly injection and the synthetic dataset writer."""

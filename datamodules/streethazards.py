@@ -1,0 +1,658 @@
+"""StreetHazards as released: folder layout, ``.odgt`` indexes, label shift, augmentation.
+
+Layout (relative to ``root``)::
+
+    train/train.odgt        train/images/training/<town>/*.png   train/annotations/training/<town>/*.png
+    train/validation.odgt   train/images/validation/<town>/*.png train/annotations/validation/<town>/*.png
+    test/test.odgt          test/images/test/<town>/*.png        test/annotations/test/<town>/*.png
+
+Image PNGs are RGBA (the 4th channel is dropped); annotation PNGs are single-channel with raw values
+1..14, shifted by -1 on load (0 unlabeled ... 12 traffic sign, 13 anomaly). With
+``ignore_unlabeled=True`` unlabeled pixels become 255 and the 12 remaining known classes move down
+by one (0 building ... 11 traffic sign) while the anomaly stays 13, so the data contract
+(known < 13, anomaly 13, ignore 255) holds for both class sets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from datamodules.labels import (
+    ANOMALY_INDEX,
+    CLASS_NAMES,
+    IGNORE_INDEX,
+    IMAGE_MEAN,
+    IMAGE_STD,
+    LABEL_OFFSET,
+    NUM_CLASSES,
+    PALETTE,
+    RAW_LABEL_MAX,
+    RAW_LABEL_MIN,
+)
+
+log = logging.getLogger(__name__)
+
+# Decoding and resizing happen in dataloader workers; OpenCV's own thread pool would oversubscribe.
+cv2.setNumThreads(0)
+
+#: Where the embedded synthetic dataset lives (relative to the working directory) when no
+#: ``root`` is configured. It is written on first use.
+DEFAULT_ROOT = "data/streethazards-synthetic"
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class StreetHazardsDataError(ValueError):
+    """A dataset file or option is wrong; the message names it and says what is wrong."""
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """Where one split lives inside the dataset root."""
+
+    name: str
+    folder: str  # split folder under root, holds the .odgt
+    index_file: str
+    subset: str  # folder under images/ and annotations/
+
+    def index_path(self, root: Path) -> Path:
+        return root / self.folder / self.index_file
+
+
+SPLITS: dict[str, SplitLayout] = {
+    "train": SplitLayout("train", "train", "train.odgt", "training"),
+    "val": SplitLayout("val", "train", "validation.odgt", "validation"),
+    "test": SplitLayout("test", "test", "test.odgt", "test"),
+}
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: Path
+    annotation: Path | None
+
+
+# ----------------------------------------------------------------------------- indexing
+def _resolve(path_str: str, candidates: Sequence[Path]) -> Path | None:
+    path = Path(path_str)
+    if path.is_absolute():
+        return path if path.is_file() else None
+    for base in candidates:
+        if (base / path).is_file():
+            return base / path
+    return None
+
+
+def read_odgt(index_path: Path, root: Path) -> list[Sample]:
+    """Read an ``.odgt`` index: a JSON array of records (JSON lines are accepted too).
+
+    Record paths are resolved relative to the index's folder, then the dataset root, so both
+    the released files and indexes written by other tools load.
+    """
+    text = index_path.read_text(encoding="utf-8")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as array_error:
+        try:  # the ADE20K-style toolkits write one JSON object per line
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            raise StreetHazardsDataError(
+                f"{index_path}: not valid JSON ({array_error.msg} at line {array_error.lineno}, "
+                f"column {array_error.colno}); expected a JSON array of records with "
+                "'fpath_img' and 'fpath_segm'"
+            ) from None
+    if isinstance(records, dict):
+        records = [records]
+    if not isinstance(records, list):
+        raise StreetHazardsDataError(
+            f"{index_path}: expected a JSON array of records, got {type(records).__name__}"
+        )
+
+    bases = [index_path.parent, root, root / index_path.parent.name]
+    samples = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise StreetHazardsDataError(f"{index_path}: record {i} is not a JSON object")
+        for key in ("fpath_img", "fpath_segm"):
+            if key not in record:
+                raise StreetHazardsDataError(f"{index_path}: record {i} lacks the field '{key}'")
+        resolved = []
+        for key in ("fpath_img", "fpath_segm"):
+            found = _resolve(str(record[key]), bases)
+            if found is None:
+                tried = ", ".join(str(b / record[key]) for b in bases)
+                raise StreetHazardsDataError(
+                    f"{index_path}: record {i} lists '{record[key]}' ({key}), which does not exist "
+                    f"(tried {tried})"
+                )
+            resolved.append(found)
+        samples.append(Sample(resolved[0], resolved[1]))
+    return samples
+
+
+def scan_split(root: Path, layout: SplitLayout) -> list[Sample]:
+    """List a split by scanning every town folder, pairing images and annotations by name."""
+    image_dir = root / layout.folder / "images" / layout.subset
+    annotation_dir = root / layout.folder / "annotations" / layout.subset
+    samples = []
+    for image in sorted(p for p in image_dir.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        annotation = annotation_dir / image.parent.name / (image.stem + ".png")
+        if not annotation.is_file():
+            raise StreetHazardsDataError(f"{image}: no annotation found at {annotation}")
+        samples.append(Sample(image, annotation))
+    return samples
+
+
+def list_split(root: str | os.PathLike[str], split: str) -> list[Sample]:
+    """The samples of ``split`` ('train', 'val' or 'test'): from its ``.odgt`` or by scanning."""
+    root = Path(root)
+    if split not in SPLITS:
+        raise StreetHazardsDataError(f"unknown split '{split}'; expected one of {sorted(SPLITS)}")
+    if not root.is_dir():
+        raise StreetHazardsDataError(
+            f"StreetHazards root '{root}' does not exist. Download the dataset "
+            f"(`python main.py download --root {root}`), extract the archives there by hand, or leave "
+            f"`data.root` at its default '{DEFAULT_ROOT}' to use the embedded synthetic dataset."
+        )
+    layout = SPLITS[split]
+    index = layout.index_path(root)
+    if index.is_file():
+        samples = read_odgt(index, root)
+        source = str(index)
+    else:
+        samples = scan_split(root, layout)
+        source = f"{root / layout.folder / 'images' / layout.subset}/*/ (no {index.name} found)"
+    if not samples:
+        raise StreetHazardsDataError(f"split '{split}' of '{root}' is empty: no samples in {source}")
+    return samples
+
+
+# ----------------------------------------------------------------------------- decoding
+def _open_png(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()  # PIL decodes lazily; force it so a truncated file fails here
+    except FileNotFoundError:
+        raise StreetHazardsDataError(f"{path}: file does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise StreetHazardsDataError(f"{path}: unreadable or truncated image ({error})") from None
+    return image
+
+
+def load_image(path: Path) -> np.ndarray:
+    """RGB uint8 [H, W, 3]; the released PNGs are RGBA and the alpha channel is dropped."""
+    image = _open_png(path)
+    if image.mode in ("RGBA", "RGB"):
+        array = np.asarray(image)[..., :3]
+    else:
+        array = np.asarray(image.convert("RGB"))
+    return np.ascontiguousarray(array)
+
+
+def load_raw_annotation(path: Path) -> np.ndarray:
+    """Raw annotation values uint8 [H, W] (1..14 in a valid file)."""
+    annotation = _open_png(path)
+    if annotation.mode not in ("L", "P", "I", "I;16"):
+        raise StreetHazardsDataError(
+            f"{path}: annotation must be a single-channel PNG (mode L), got mode {annotation.mode}"
+        )
+    raw = np.asarray(annotation)
+    if raw.dtype != np.uint8:
+        if raw.max(initial=0) > 255 or raw.min(initial=0) < 0:
+            raise StreetHazardsDataError(f"{path}: annotation values outside 0..255")
+        raw = raw.astype(np.uint8)
+    return raw
+
+
+def label_lookup(ignore_unlabeled: bool, zero_as_ignore: bool) -> np.ndarray:
+    """A 256-entry table from raw annotation value to training label (255 marks invalid values)."""
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for raw in range(RAW_LABEL_MIN, RAW_LABEL_MAX + 1):
+        lut[raw] = raw - LABEL_OFFSET
+    if ignore_unlabeled:
+        lut[RAW_LABEL_MIN] = IGNORE_INDEX
+        lut[RAW_LABEL_MIN + 1 : RAW_LABEL_MAX] -= 1  # building..traffic sign -> 0..11
+    del zero_as_ignore  # raw 0 already maps to ignore; whether it is allowed is checked on load
+    return lut
+
+
+# ----------------------------------------------------------------------------- dataset
+def _normalize(image: np.ndarray) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+    return tensor.sub_(mean).div_(std)
+
+
+def train_augmentation(
+    crop_size: tuple[int, int], scale_range: tuple[float, float] = (0.5, 2.0), color_jitter: float = 0.3
+) -> A.Compose:
+    """Random scale, crop to ``crop_size``, horizontal flip, colour jitter.
+
+    Geometric transforms interpolate images bilinearly and masks with nearest neighbour; padding
+    fills masks with the ignore index so padded pixels never train.
+    """
+    height, width = crop_size
+    return A.Compose(
+        [
+            A.RandomScale(
+                scale_limit=(scale_range[0] - 1.0, scale_range[1] - 1.0),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                p=1.0,
+            ),
+            A.PadIfNeeded(
+                min_height=height,
+                min_width=width,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=IGNORE_INDEX,
+            ),
+            A.RandomCrop(height=height, width=width),
+            A.HorizontalFlip(p=0.5),
+            A.ColorJitter(
+                brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0.05, p=0.8
+            ),
+        ],
+        additional_targets={"mask_clean": "mask"},
+    )
+
+
+Injector = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+class StreetHazardsDataset(Dataset):
+    """One split of StreetHazards; items are dicts in the data contract.
+
+    ``image`` float [3, H, W] (ImageNet-normalized), ``mask`` long [H, W], ``name`` the file stem,
+    and with an ``injector`` also ``mask_clean`` (the label before outliers were pasted).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        image_size: tuple[int, int] | None = None,
+        ignore_unlabeled: bool = False,
+        zero_label: str = "error",
+        anomaly_to_ignore: bool = False,
+        augment: A.Compose | None = None,
+        injector: Injector | None = None,
+        seed: int = 0,
+    ) -> None:
+        if zero_label not in ("error", "ignore"):
+            raise StreetHazardsDataError(f"zero_label must be 'error' or 'ignore', got '{zero_label}'")
+        self.samples = list(samples)
+        self.image_size = tuple(image_size) if image_size is not None else None
+        self.zero_label = zero_label
+        self.lut = label_lookup(ignore_unlabeled, zero_label == "ignore")
+        if anomaly_to_ignore:
+            self.lut[RAW_LABEL_MAX] = IGNORE_INDEX
+        self.augment = augment
+        self.injector = injector
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded, checked, label-shifted and resized arrays: RGB uint8 [H,W,3], labels uint8 [H,W]."""
+        sample = self.samples[index]
+        image = load_image(sample.image)
+        assert sample.annotation is not None
+        raw = load_raw_annotation(sample.annotation)
+        if raw.shape != image.shape[:2]:
+            raise StreetHazardsDataError(
+                f"{sample.annotation}: annotation size {raw.shape[1]}x{raw.shape[0]} differs from image "
+                f"{sample.image} ({image.shape[1]}x{image.shape[0]})"
+            )
+        low, high = int(raw.min()), int(raw.max())
+        if high > RAW_LABEL_MAX or (low < RAW_LABEL_MIN and self.zero_label == "error"):
+            bad = np.unique(raw[(raw > RAW_LABEL_MAX) | (raw < RAW_LABEL_MIN)])
+            hint = " (set data.zero_label: ignore to treat 0 as ignore)" if bad.min() == 0 else ""
+            raise StreetHazardsDataError(
+                f"{sample.annotation}: annotation values {bad.tolist()[:10]} outside "
+                f"{RAW_LABEL_MIN}..{RAW_LABEL_MAX}{hint}"
+            )
+        mask = self.lut[raw]
+        if self.image_size is not None and image.shape[:2] != self.image_size:
+            height, width = self.image_size
+            image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+            mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+        return image, mask
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        # EpochShuffleSampler encodes the epoch in the index so that injection is reproducible per
+        # (seed, epoch, sample) whichever worker loads it, and persistent workers need no state.
+        epoch, index = divmod(index, len(self.samples))
+        image, mask = self.load(index)
+        item: dict[str, Any] = {"name": self.samples[index].image.stem}
+        mask_clean = None
+        if self.injector is not None:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, index]))
+            image, mask, mask_clean = self.injector(image, mask, rng)
+        if self.augment is not None:
+            targets = {"image": image, "mask": mask}
+            if mask_clean is not None:
+                targets["mask_clean"] = mask_clean
+            out = self.augment(**targets)
+            image, mask, mask_clean = out["image"], out["mask"], out.get("mask_clean")
+        item["image"] = _normalize(image)
+        item["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).long()
+        if mask_clean is not None:
+            item["mask_clean"] = torch.from_numpy(np.ascontiguousarray(mask_clean)).long()
+        return item
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles like ``RandomSampler`` and yields ``epoch * n + index``.
+
+    The dataset recovers ``(epoch, index)`` with ``divmod``; seeding anything per epoch then needs
+    no state in (persistent) workers. Lightning calls ``set_epoch`` before each training epoch, so a
+    resumed run sees the same epochs as an uninterrupted one; without it, each new iteration
+    counts as the next epoch.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        offset = self.epoch * self.num_samples
+        self.epoch += 1
+        yield from (offset + i for i in torch.randperm(self.num_samples, generator=generator).tolist())
+
+
+class ImageFolderDataset(Dataset):
+    """Images of any size from a folder, for ``predict``; no labels."""
+
+    def __init__(self, folder: str | os.PathLike[str], image_size: tuple[int, int] | None = None) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise StreetHazardsDataError(f"predict_dir '{self.folder}' does not exist or is not a folder")
+        self.paths = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise StreetHazardsDataError(f"predict_dir '{self.folder}' contains no .png/.jpg images")
+        self.image_size = tuple(image_size) if image_size is not None else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[index]
+        image = load_image(path)
+        height, width = image.shape[:2]
+        if self.image_size is not None and image.shape[:2] != self.image_size:
+            image = cv2.resize(
+                image, (self.image_size[1], self.image_size[0]), interpolation=cv2.INTER_LINEAR
+            )
+        return {
+            "image": _normalize(image),
+            "name": str(path.relative_to(self.folder).with_suffix("")),
+            "original_size": torch.tensor([height, width]),
+        }
+
+
+# ----------------------------------------------------------------------------- datamodule
+@dataclass
+class SyntheticConfig:
+    """Size of the embedded synthetic dataset written when ``root`` is the default and missing."""
+
+    num_train: int = 200
+    num_val: int = 40
+    num_test: int = 60
+    height: int = 180
+    width: int = 320
+    seed: int = 0
+
+
+@dataclass
+class InjectionConfig:
+    """Outlier pasting for methods that train on injected anomalies (``datamodules.injection``).
+
+    ``source``: 'procedural' (needs nothing), 'folder' (RGBA cut-outs or image+mask pairs in
+    ``source_root``) or 'sbd' (the Semantic Boundaries Dataset in torchvision's layout at
+    ``source_root``; never downloaded implicitly).
+    """
+
+    source: str = "procedural"
+    source_root: str | None = None
+    probability: float = 0.5
+    max_objects: int = 3
+    min_size: float = 0.05
+    max_size: float = 0.25
+    random_flip: bool = True
+
+
+class StreetHazardsDataModule(L.LightningDataModule):
+    """StreetHazards (or the embedded synthetic copy) as a LightningDataModule.
+
+    Args:
+        root: dataset folder in the released layout. The default is the embedded synthetic dataset,
+            written there on first use.
+        image_size: (height, width) to resize to on load for training and validation; ``None``
+            keeps the native 720x1280. Training crops of this size are taken after random scaling.
+        test_image_size: resize for the test split; ``None`` uses ``image_size``.
+        test_native_resolution: evaluate the test split at its native resolution regardless of
+            ``image_size`` / ``test_image_size`` (the published protocol).
+        batch_size: training batch size; ``eval_batch_size`` for validation/test/predict
+            (defaults to ``batch_size``).
+        num_workers: dataloader workers.
+        ignore_unlabeled: False: 13 classes (reference protocol, unlabeled is class 0); True:
+            unlabeled becomes 255 and 12 classes remain.
+        zero_label: raw annotation value 0 is not part of the release; 'error' rejects it,
+            'ignore' maps it to 255.
+        train_augment: random scale/crop, horizontal flip and colour jitter on the training split.
+        scale_range: random scale factors for augmentation.
+        injection: paste outlier objects into training images (``mask`` gets 13 there,
+            ``mask_clean`` keeps the original label); ``None`` disables.
+        seed: seed of the anomaly injection (per sample and epoch, independent of workers).
+        predict_dir: folder of images for ``predict``; images of any size.
+        predict_image_size: resize for ``predict``; ``None`` keeps each image's size (batch size 1).
+        synthetic: size of the embedded dataset written when ``root`` is the default.
+    """
+
+    def __init__(
+        self,
+        root: str = DEFAULT_ROOT,
+        image_size: tuple[int, int] | None = None,
+        test_image_size: tuple[int, int] | None = None,
+        test_native_resolution: bool = False,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        ignore_unlabeled: bool = False,
+        zero_label: str = "error",
+        train_augment: bool = True,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        injection: InjectionConfig | None = None,
+        seed: int = 0,
+        predict_dir: str | None = None,
+        predict_image_size: tuple[int, int] | None = None,
+        synthetic: SyntheticConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 1:
+            raise StreetHazardsDataError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise StreetHazardsDataError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.root = Path(root)
+        self.image_size = tuple(image_size) if image_size is not None else None
+        self.test_image_size = tuple(test_image_size) if test_image_size is not None else self.image_size
+        if test_native_resolution:
+            self.test_image_size = None
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.ignore_unlabeled = ignore_unlabeled
+        self.zero_label = zero_label
+        self.train_augment = train_augment
+        self.scale_range = tuple(scale_range)
+        self.injection = injection
+        self.seed = seed
+        self.predict_dir = predict_dir
+        self.predict_image_size = predict_image_size
+        self.synthetic = synthetic or SyntheticConfig()
+        self.datasets: dict[str, Dataset] = {}
+
+    # -- what models and callbacks need to know
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES - 1 if self.ignore_unlabeled else NUM_CLASSES
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return CLASS_NAMES[1:] if self.ignore_unlabeled else CLASS_NAMES
+
+    @property
+    def palette(self) -> tuple[tuple[int, int, int], ...]:
+        """Colours of the known classes (in this class set's order), then the anomaly colour."""
+        known = PALETTE[1:NUM_CLASSES] if self.ignore_unlabeled else PALETTE[:NUM_CLASSES]
+        return (*known, PALETTE[ANOMALY_INDEX])
+
+    # -- data preparation
+    def is_embedded_default(self) -> bool:
+        return os.path.normpath(str(self.root)) == os.path.normpath(DEFAULT_ROOT)
+
+    def prepare_data(self) -> None:
+        if self.is_embedded_default() and not self.root.exists():
+            from datamodules.synthetic import write_synthetic_streethazards
+
+            cfg = self.synthetic
+            log.warning(
+                "Writing the embedded synthetic StreetHazards dataset to %s "
+                "(%d train, %d val, %d test at %dx%d)",
+                self.root, cfg.num_train, cfg.num_val, cfg.num_test, cfg.height, cfg.width,
+            )  # fmt: skip
+            write_synthetic_streethazards(
+                self.root,
+                cfg.num_train,
+                cfg.num_val,
+                cfg.num_test,
+                image_size=(cfg.height, cfg.width),
+                seed=cfg.seed,
+            )
+
+    def _dataset(self, split: str, **kwargs: Any) -> StreetHazardsDataset:
+        return StreetHazardsDataset(
+            list_split(self.root, split),
+            ignore_unlabeled=self.ignore_unlabeled,
+            zero_label=self.zero_label,
+            **kwargs,
+        )
+
+    def _build_injector(self) -> Injector | None:
+        if self.injection is None:
+            return None
+        from datamodules.injection import build_injector
+
+        return build_injector(self.injection, seed=self.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.root.exists():
+            self.prepare_data()  # a process that skipped prepare_data (e.g. a bare setup call)
+        if stage in (None, "fit"):
+            augment = train_augmentation(self._crop_size(), self.scale_range) if self.train_augment else None
+            self.datasets["train"] = self._dataset(
+                "train",
+                image_size=self.image_size,
+                augment=augment,
+                injector=self._build_injector(),
+                anomaly_to_ignore=True,
+                seed=self.seed,
+            )
+        if stage in (None, "fit", "validate"):
+            self.datasets["val"] = self._dataset("val", image_size=self.image_size)
+        if stage in (None, "test"):
+            self.datasets["test"] = self._dataset("test", image_size=self.test_image_size)
+        if stage == "predict":
+            if self.predict_dir is None:
+                raise StreetHazardsDataError("predict needs data.predict_dir: a folder of images")
+            self.datasets["predict"] = ImageFolderDataset(self.predict_dir, self.predict_image_size)
+
+    def _crop_size(self) -> tuple[int, int]:
+        if self.image_size is not None:
+            return self.image_size
+        image = load_image(list_split(self.root, "train")[0].image)
+        return image.shape[0], image.shape[1]
+
+    # -- loaders
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    def _eval_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
+        """Under DDP each sample is evaluated exactly once: Lightning's default distributed sampler
+        pads the last batch by repeating samples, which would count them twice in the metrics."""
+        trainer = self._trainer if hasattr(self, "_trainer") else None
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.datasets["train"]
+        drop_last = len(dataset) > self.batch_size
+        if self.injection is None:
+            return self._loader(dataset, self.batch_size, shuffle=True, drop_last=drop_last)
+        sampler = EpochShuffleSampler(len(dataset), seed=self.seed)
+        return self._loader(dataset, self.batch_size, shuffle=False, sampler=sampler, drop_last=drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.datasets["val"])
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.datasets["test"])
+
+    def _eval_loader(self, dataset: Dataset, batch_size: int | None = None) -> DataLoader:
+        return self._loader(
+            dataset, batch_size or self.eval_batch_size, shuffle=False, sampler=self._eval_sampler(dataset)
+        )
+
+    def predict_dataloader(self) -> DataLoader:
+        dataset = self.datasets["predict"]
+        batch_size = self.eval_batch_size if self.predict_image_size is not None else 1
+        return self._eval_loader(dataset, batch_size)
+
+    def posthoc_dataloader(self) -> DataLoader:
+        """The training split without augmentation or injection, sharded without repeats.
+
+        Post-hoc statistics (SML, FRE, prototypes) are fitted on it after training.
+        """
+        dataset = self._dataset("train", image_size=self.image_size, anomaly_to_ignore=True)
+        return self._eval_loader(dataset)
+
+    def num_steps_per_epoch(self) -> int:
+        return max(1, math.floor(len(self.datasets["train"]) / self.batch_size))

@@ -1,0 +1,1 @@
+"""Anomaly-segmentation methods, one per file, over a shared base (``base.py``)."""

@@ -1,0 +1,122 @@
+"""The method contract every anomaly-segmentation method implements.
+
+A method answers two questions for a batch of normalized images: closed-set logits
+``[B, K, h, w]`` and one or more anomaly scores ``[B, h, w]`` (higher = more anomalous).
+Callbacks only talk to methods through :meth:`AnomalySegmentationModule.segment`, so adding a
+method is one new file that subclasses this base.
+
+Post-hoc statistics (SML means/stds, FRE subspaces, ...) are fitted in one pass over the
+training split after training: subclasses implement ``reset_posthoc``/``update_posthoc``/
+``finalize_posthoc`` and keep their accumulators as float64 buffers; the base drives the
+loop, sums the accumulators across processes and records that the fit happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
+
+
+@dataclass
+class MethodOutput:
+    """What a method hands to the callbacks for one batch.
+
+    ``logits``: closed-set logits ``[B, K, h, w]`` (any resolution; callbacks resize).
+    ``scores``: named anomaly scores ``[B, h, w]``, higher = more anomalous. The first key is
+    the method's own score; further keys are baselines computed from the same forward pass.
+    """
+
+    logits: Tensor
+    scores: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def primary_score_name(self) -> str:
+        return next(iter(self.scores))
+
+
+class AnomalySegmentationModule(L.LightningModule):
+    """Shared base: evaluation steps, prediction step and the post-hoc fitting loop."""
+
+    #: Short name used in result files and tables; subclasses override.
+    method_name: str = "base"
+
+    def __init__(
+        self,
+        num_classes: int = NUM_CLASSES,
+        ignore_index: int = IGNORE_INDEX,
+        anomaly_index: int = ANOMALY_INDEX,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.anomaly_index = anomaly_index
+        # Whether post-hoc statistics have been fitted; checkpointed so tests of a trained and
+        # fitted checkpoint do not refit.
+        self.register_buffer("posthoc_fitted", torch.zeros((), dtype=torch.bool))
+
+    # ----------------------------------------------------------------- the contract
+    def segment(self, image: Tensor) -> MethodOutput:
+        """Closed-set logits and anomaly scores for a batch of normalized images."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- evaluation steps
+    def _evaluation_step(self, batch: Mapping[str, Tensor]) -> dict[str, object]:
+        output = self.segment(batch["image"])
+        return {"logits": output.logits, "scores": output.scores}
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, object]:
+        return self._evaluation_step(batch)
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, object]:
+        return self._evaluation_step(batch)
+
+    def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, object]:
+        out = self._evaluation_step(batch)
+        out.update({k: v for k, v in batch.items() if k not in ("image",)})
+        return out
+
+    # ----------------------------------------------------------------- post-hoc statistics
+    @property
+    def needs_posthoc(self) -> bool:
+        """Whether this method has statistics to fit after training."""
+        return False
+
+    def reset_posthoc(self) -> None:
+        """Zero the float64 accumulators before a fitting pass."""
+
+    def update_posthoc(self, batch: Mapping[str, Tensor]) -> None:
+        """Accumulate one batch of training pixels (called under ``no_grad`` in eval mode)."""
+
+    def posthoc_accumulators(self) -> list[Tensor]:
+        """The accumulator tensors to sum across processes before ``finalize_posthoc``."""
+        return []
+
+    def finalize_posthoc(self) -> None:
+        """Turn the summed accumulators into the statistics used for scoring."""
+
+    @torch.no_grad()
+    def fit_posthoc(self, batches: Iterable[Mapping[str, Tensor]]) -> None:
+        """One pass over ``batches`` (this process's shard), all-reduce, finalize.
+
+        Under DDP every process must call this with its own disjoint shard; accumulators
+        are summed with ``torch.distributed.all_reduce`` so the result equals one process
+        seeing all the data.
+        """
+        was_training = self.training
+        self.eval()
+        self.reset_posthoc()
+        for batch in batches:
+            batch = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+            self.update_posthoc(batch)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for acc in self.posthoc_accumulators():
+                torch.distributed.all_reduce(acc, op=torch.distributed.ReduceOp.SUM)
+        self.finalize_posthoc()
+        self.posthoc_fitted.fill_(True)
+        self.train(was_training)
