@@ -1,0 +1,65 @@
+"""Shared fixtures: small datasets in the released StreetHazards layout, made on the fly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SPLIT_DIRS = {
+    "train": ("train", "training", "t1-3", "train.odgt"),
+    "val": ("train", "validation", "t4", "validation.odgt"),
+    "test": ("test", "test", "t5", "test.odgt"),
+}
+
+
+def write_release_sample(
+    root: Path, split: str, name: str, rgb: np.ndarray, raw_label: np.ndarray, town: str | None = None
+) -> dict:
+    """Write one RGBA image and mode-L annotation where the release puts them; return its record."""
+    folder, subset, default_town, _ = SPLIT_DIRS[split]
+    town = town or default_town
+    image_rel = Path("images") / subset / town / f"{name}.png"
+    label_rel = Path("annotations") / subset / town / f"{name}.png"
+    for rel in (image_rel, label_rel):
+        (root / folder / rel).parent.mkdir(parents=True, exist_ok=True)
+    alpha = np.full(rgb.shape[:2] + (1,), 255, dtype=np.uint8)
+    Image.fromarray(np.concatenate([rgb, alpha], axis=2), mode="RGBA").save(root / folder / image_rel)
+    Image.fromarray(raw_label.astype(np.uint8), mode="L").save(root / folder / label_rel)
+    return {
+        "fpath_img": str(image_rel),
+        "fpath_segm": str(label_rel),
+        "width": int(rgb.shape[1]),
+        "height": int(rgb.shape[0]),
+    }
+
+
+def write_index(root: Path, split: str, records: list[dict]) -> Path:
+    folder, _, _, index = SPLIT_DIRS[split]
+    path = root / folder / index
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture
+def release_root(tmp_path: Path) -> Path:
+    """A hand-made dataset in the released layout with known pixel values.
+
+    Every image is 24x40; image ``k`` of a split has raw label ``1 + (row + col + k) % 14`` in the
+    test split (anomalies included) and ``1 + (row + col + k) % 13`` elsewhere; its RGB encodes
+    the raw label in the red channel so alignment can be checked.
+    """
+    root = tmp_path / "streethazards"
+    rows, cols = np.mgrid[0:24, 0:40]
+    for split, count in (("train", 4), ("val", 2), ("test", 3)):
+        modulo = 14 if split == "test" else 13
+        records = []
+        for k in range(count):
+            raw = 1 + (rows + cols + k) % modulo
+            rgb = np.stack([raw * 10, np.full_like(raw, 50), np.full_like(raw, 200)], axis=2).astype(np.uint8)
+            records.append(write_release_sample(root, split, f"{k:03d}", rgb, raw))
+        write_index(root, split, records)
+    return root

@@ -1,0 +1,246 @@
+"""The StreetHazards datamodule on a hand-made dataset in the released layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_index, write_release_sample
+from PIL import Image
+from scipy.ndimage import binary_dilation
+
+from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IGNORE_INDEX, IMAGE_MEAN, IMAGE_STD
+from datamodules.streethazards import (
+    StreetHazardsDataError,
+    StreetHazardsDataModule,
+    StreetHazardsDataset,
+    list_split,
+    train_augmentation,
+)
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+    return ((image * std + mean) * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+def expected_raw(k: int, modulo: int, shape: tuple[int, int] = (24, 40)) -> np.ndarray:
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]]
+    return 1 + (rows + cols + k) % modulo
+
+
+def make_dm(root: Path, **kwargs) -> StreetHazardsDataModule:
+    kwargs.setdefault("num_workers", 0)
+    kwargs.setdefault("batch_size", 2)
+    return StreetHazardsDataModule(root=str(root), **kwargs)
+
+
+def test_loads_release_layout_with_label_shift(release_root: Path) -> None:
+    dm = make_dm(release_root, train_augment=False)
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.datasets["train"]) == 4 and len(dm.datasets["val"]) == 2 and len(dm.datasets["test"]) == 3
+
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["image"].shape == (2, 3, 24, 40) and batch["image"].dtype == torch.float32
+    assert batch["mask"].shape == (2, 24, 40) and batch["mask"].dtype == torch.long
+    for k in range(2):
+        np.testing.assert_array_equal(batch["mask"][k].numpy(), expected_raw(k, 14) - 1)
+        # red channel encodes the raw label: image and mask come from the same file pair
+        np.testing.assert_array_equal(denormalize(batch["image"][k])[..., 0], expected_raw(k, 14) * 10)
+    assert int(batch["mask"].max()) == ANOMALY_INDEX
+    assert dm.num_classes == 13 and dm.class_names == CLASS_NAMES and len(dm.palette) == 14
+
+
+def test_training_split_never_has_anomaly_and_val_is_clean(release_root: Path) -> None:
+    dm = make_dm(release_root, train_augment=False)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    np.testing.assert_array_equal(batch["mask"][0].numpy(), expected_raw(0, 13) - 1)
+
+
+def test_ignore_unlabeled_gives_twelve_classes(release_root: Path) -> None:
+    dm = make_dm(release_root, ignore_unlabeled=True, train_augment=False)
+    dm.setup("test")
+    mask = dm.datasets["test"][0]["mask"].numpy()
+    raw = expected_raw(0, 14)
+    expected = np.where(raw == 1, IGNORE_INDEX, np.where(raw == 14, ANOMALY_INDEX, raw - 2))
+    np.testing.assert_array_equal(mask, expected)
+    assert dm.num_classes == 12 and dm.class_names[0] == "building" and len(dm.palette) == 13
+
+
+def test_resize_on_load(release_root: Path) -> None:
+    dm = make_dm(release_root, image_size=(12, 20), train_augment=False)
+    dm.setup("fit")
+    item = dm.datasets["val"][0]
+    assert item["image"].shape == (3, 12, 20) and item["mask"].shape == (12, 20)
+    # nearest-neighbour: every label value is one of the originals, never an interpolated one
+    assert set(np.unique(item["mask"].numpy())) <= set(np.unique(expected_raw(0, 13) - 1))
+
+
+def test_scan_fallback_when_index_missing(release_root: Path) -> None:
+    (release_root / "test" / "test.odgt").unlink()
+    write_release_sample(
+        release_root, "test", "100", np.zeros((24, 40, 3), np.uint8), expected_raw(0, 14), town="t6"
+    )
+    samples = list_split(release_root, "test")
+    assert len(samples) == 4
+    assert {s.image.parent.name for s in samples} == {"t5", "t6"}
+
+
+def test_odgt_json_lines_and_absolute_paths(release_root: Path) -> None:
+    index = release_root / "train" / "train.odgt"
+    records = json.loads(index.read_text())
+    records[0]["fpath_img"] = str(release_root / "train" / records[0]["fpath_img"])
+    index.write_text("\n".join(json.dumps(r) for r in records))
+    assert len(list_split(release_root, "train")) == 4
+
+
+def test_images_are_rgba_with_alpha_dropped(release_root: Path) -> None:
+    sample = list_split(release_root, "train")[0]
+    assert Image.open(sample.image).mode == "RGBA"
+    item = StreetHazardsDataset([sample])[0]
+    assert item["image"].shape[0] == 3
+
+
+def test_augmentation_keeps_image_and_mask_aligned() -> None:
+    # Left 30% of the scene is class 1 and red, the rest class 2 and blue, with horizontal stripes
+    # of class 3 / green: a flip, scale or crop applied to only one of image and mask shows up as
+    # pixels whose colour disagrees with their label.
+    height, width = 80, 120
+    mask = np.full((height, width), 2, np.uint8)
+    mask[:, : int(0.3 * width)] = 1
+    mask[(np.arange(height) % 20) < 7] = 3  # stripes thick enough to survive downscaling
+    colours = np.array([[0, 0, 0], [230, 20, 20], [20, 20, 230], [20, 230, 20]], np.uint8)
+    image = colours[mask]
+    augment = train_augmentation((48, 80), scale_range=(0.7, 1.5))
+    flipped_seen = 0
+    for seed in range(30):
+        augment.set_random_seed(seed)
+        out = augment(image=image, mask=mask)
+        img, msk = out["image"].astype(int), out["mask"]
+        inside = msk != IGNORE_INDEX
+        dominant = np.argmax(img, axis=2)  # 0 red, 1 green, 2 blue
+        expected_channel = np.array([-1, 0, 2, 1])[np.where(inside, msk, 0)]
+        # skip pixels at label edges, where bilinear image interpolation mixes colours
+        edge = np.zeros_like(inside)
+        edge[1:-1, 1:-1] = (
+            (msk[1:-1, 1:-1] != msk[:-2, 1:-1])
+            | (msk[1:-1, 1:-1] != msk[2:, 1:-1])
+            | (msk[1:-1, 1:-1] != msk[1:-1, :-2])
+            | (msk[1:-1, 1:-1] != msk[1:-1, 2:])
+        )
+        edge = binary_dilation(edge)  # upscaling blends over more than one pixel
+        check = inside & ~edge
+        check[[0, -1], :] = False
+        check[:, [0, -1]] = False
+        assert check.sum() > 100, (seed, np.unique(msk, return_counts=True), img.shape)
+        agreement = (dominant[check] == expected_channel[check]).mean()
+        assert agreement > 0.98, f"seed {seed}: image and mask disagree on {1 - agreement:.1%} of pixels"
+        # a horizontally flipped crop puts class 1 on the right
+        cols_class1 = np.nonzero((msk == 1).any(axis=0))[0]
+        if cols_class1.size and cols_class1.mean() > img.shape[1] / 2:
+            flipped_seen += 1
+    assert flipped_seen > 0, "the flip never happened, so the test checked nothing about it"
+
+
+def test_train_batches_have_crop_size(release_root: Path) -> None:
+    dm = make_dm(release_root, image_size=(16, 32))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 16, 32) and batch["mask"].shape == (2, 16, 32)
+    assert int(batch["mask"][batch["mask"] != IGNORE_INDEX].max()) < ANOMALY_INDEX
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_missing_root(tmp_path: Path) -> None:
+    dm = make_dm(tmp_path / "nowhere")
+    with pytest.raises(StreetHazardsDataError, match="nowhere.*does not exist"):
+        dm.setup("fit")
+
+
+def test_odgt_not_json(release_root: Path) -> None:
+    (release_root / "train" / "train.odgt").write_text("[{not json")
+    with pytest.raises(StreetHazardsDataError, match=r"train\.odgt: not valid JSON"):
+        list_split(release_root, "train")
+
+
+def test_odgt_record_lacks_field(release_root: Path) -> None:
+    write_index(release_root, "train", [{"fpath_img": "images/training/t1-3/000.png"}])
+    with pytest.raises(StreetHazardsDataError, match="record 0 lacks the field 'fpath_segm'"):
+        list_split(release_root, "train")
+
+
+def test_listed_file_missing(release_root: Path) -> None:
+    records = json.loads((release_root / "test" / "test.odgt").read_text())
+    records[1]["fpath_img"] = "images/test/t5/missing.png"
+    write_index(release_root, "test", records)
+    with pytest.raises(StreetHazardsDataError, match=r"record 1 lists 'images/test/t5/missing\.png'"):
+        list_split(release_root, "test")
+
+
+def test_truncated_png(release_root: Path) -> None:
+    sample = list_split(release_root, "train")[0]
+    data = sample.image.read_bytes()
+    sample.image.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StreetHazardsDataError, match=f"{sample.image.name}: unreadable or truncated"):
+        StreetHazardsDataset([sample])[0]
+
+
+def test_not_an_image(release_root: Path) -> None:
+    sample = list_split(release_root, "train")[0]
+    sample.annotation.write_text("hello")
+    with pytest.raises(StreetHazardsDataError, match="unreadable or truncated"):
+        StreetHazardsDataset([sample])[0]
+
+
+def test_size_mismatch(release_root: Path) -> None:
+    sample = list_split(release_root, "train")[0]
+    Image.fromarray(np.ones((10, 10), np.uint8), mode="L").save(sample.annotation)
+    with pytest.raises(StreetHazardsDataError, match="annotation size 10x10 differs from image"):
+        StreetHazardsDataset([sample])[0]
+
+
+def test_label_values_out_of_range(release_root: Path) -> None:
+    sample = list_split(release_root, "train")[0]
+    Image.fromarray(np.full((24, 40), 20, np.uint8), mode="L").save(sample.annotation)
+    with pytest.raises(StreetHazardsDataError, match=r"annotation values \[20\] outside 1\.\.14"):
+        StreetHazardsDataset([sample])[0]
+
+
+def test_label_zero_per_option(release_root: Path) -> None:
+    sample = list_split(release_root, "train")[0]
+    raw = expected_raw(0, 13)
+    raw[0, :5] = 0
+    Image.fromarray(raw.astype(np.uint8), mode="L").save(sample.annotation)
+    with pytest.raises(StreetHazardsDataError, match=r"values \[0\] outside.*zero_label: ignore"):
+        StreetHazardsDataset([sample])[0]
+    mask = StreetHazardsDataset([sample], zero_label="ignore")[0]["mask"]
+    assert (mask[0, :5] == IGNORE_INDEX).all() and (mask[1:] != IGNORE_INDEX).all()
+
+
+def test_rgb_annotation_rejected(release_root: Path) -> None:
+    sample = list_split(release_root, "train")[0]
+    Image.fromarray(np.ones((24, 40, 3), np.uint8)).save(sample.annotation)
+    with pytest.raises(StreetHazardsDataError, match="must be a single-channel PNG"):
+        StreetHazardsDataset([sample])[0]
+
+
+def test_empty_split(release_root: Path) -> None:
+    write_index(release_root, "val", [])
+    with pytest.raises(StreetHazardsDataError, match="split 'val' .* is empty"):
+        list_split(release_root, "val")
+
+
+def test_bad_options(release_root: Path) -> None:
+    with pytest.raises(StreetHazardsDataError, match="batch_size"):
+        make_dm(release_root, batch_size=0)
+    with pytest.raises(StreetHazardsDataError, match="zero_label"):
+        StreetHazardsDataset([], zero_label="maybe")
+    dm = make_dm(release_root)
+    with pytest.raises(StreetHazardsDataError, match="predict_dir"):
+        dm.setup("predict")
