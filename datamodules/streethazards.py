@@ -15,9 +15,9 @@ by one (0 building ... 11 traffic sign) while the anomaly stays 13, so the data 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -120,9 +120,7 @@ def read_odgt(index_path: Path, root: Path) -> list[Sample]:
     if isinstance(records, dict):
         records = [records]
     if not isinstance(records, list):
-        raise StreetHazardsDataError(
-            f"{index_path}: expected a JSON array of records, got {type(records).__name__}"
-        )
+        raise StreetHazardsDataError(f"{index_path}: expected a JSON array of records, got {type(records).__name__}")
 
     bases = [index_path.parent, root, root / index_path.parent.name]
     samples = []
@@ -138,8 +136,7 @@ def read_odgt(index_path: Path, root: Path) -> list[Sample]:
             if found is None:
                 tried = ", ".join(str(b / record[key]) for b in bases)
                 raise StreetHazardsDataError(
-                    f"{index_path}: record {i} lists '{record[key]}' ({key}), which does not exist "
-                    f"(tried {tried})"
+                    f"{index_path}: record {i} lists '{record[key]}' ({key}), which does not exist (tried {tried})"
                 )
             resolved.append(found)
         samples.append(Sample(resolved[0], resolved[1]))
@@ -266,9 +263,7 @@ def train_augmentation(
             ),
             A.RandomCrop(height=height, width=width),
             A.HorizontalFlip(p=0.5),
-            A.ColorJitter(
-                brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0.05, p=0.8
-            ),
+            A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0.05, p=0.8),
         ],
         additional_targets={"mask_clean": "mask"},
     )
@@ -344,7 +339,9 @@ class StreetHazardsDataset(Dataset):
         item: dict[str, Any] = {"name": self.samples[index].image.stem}
         mask_clean = None
         if self.injector is not None:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, index]))
+            from datamodules.injection import injection_rng
+
+            rng = injection_rng(self.seed, epoch, index)
             image, mask, mask_clean = self.injector(image, mask, rng)
         if self.augment is not None:
             targets = {"image": image, "mask": mask}
@@ -406,9 +403,7 @@ class ImageFolderDataset(Dataset):
         image = load_image(path)
         height, width = image.shape[:2]
         if self.image_size is not None and image.shape[:2] != self.image_size:
-            image = cv2.resize(
-                image, (self.image_size[1], self.image_size[0]), interpolation=cv2.INTER_LINEAR
-            )
+            image = cv2.resize(image, (self.image_size[1], self.image_size[0]), interpolation=cv2.INTER_LINEAR)
         return {
             "image": _normalize(image),
             "name": str(path.relative_to(self.folder).with_suffix("")),
@@ -654,5 +649,42 @@ class StreetHazardsDataModule(L.LightningDataModule):
         dataset = self._dataset("train", image_size=self.image_size, anomaly_to_ignore=True)
         return self._eval_loader(dataset)
 
-    def num_steps_per_epoch(self) -> int:
-        return max(1, math.floor(len(self.datasets["train"]) / self.batch_size))
+    def class_pixel_counts(self) -> list[int]:
+        """Pixels per known class over the training split (at ``image_size``), cached on disk.
+
+        Used for class-weighted cross-entropy. The cache key covers the root, the class set, the
+        resize and the list of files, so a changed dataset is counted again.
+        """
+        samples = list_split(self.root, "train")
+        key = json.dumps(
+            [str(self.root.resolve()), self.ignore_unlabeled, self.image_size, [str(s.image) for s in samples]]
+        )
+        cache_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streethazards-anomaly"
+        cache = cache_dir / f"class_counts-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+        if cache.is_file():
+            return json.loads(cache.read_text())
+        dataset = StreetHazardsDataset(
+            samples, self.image_size, self.ignore_unlabeled, self.zero_label, anomaly_to_ignore=True
+        )
+        loader = DataLoader(
+            _MaskOnly(dataset), batch_size=1, num_workers=self.num_workers, collate_fn=lambda items: items[0]
+        )
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        for mask in loader:
+            counts += np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=256)[: self.num_classes]
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(counts.tolist()))
+        os.replace(tmp, cache)
+        return counts.tolist()
+
+
+class _MaskOnly(Dataset):
+    def __init__(self, dataset: StreetHazardsDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.dataset.load(index)[1]

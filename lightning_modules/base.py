@@ -13,6 +13,7 @@ loop, sums the accumulators across processes and records that the fit happened.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ import torch
 from torch import Tensor
 
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -120,3 +123,42 @@ class AnomalySegmentationModule(L.LightningModule):
         self.finalize_posthoc()
         self.posthoc_fitted.fill_(True)
         self.train(was_training)
+
+    def fit_posthoc_from_datamodule(self) -> None:
+        """Fit post-hoc statistics on the datamodule's training split (no augmentation)."""
+        trainer = self.trainer
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "posthoc_dataloader"):
+            raise RuntimeError(
+                f"{type(self).__name__} needs post-hoc statistics, but the trainer has no datamodule with "
+                "a posthoc_dataloader() to fit them on"
+            )
+        loader = datamodule.posthoc_dataloader()
+        log.info("%s: fitting post-hoc statistics on %d training images", self.method_name, len(loader.dataset))
+        with trainer.precision_plugin.forward_context():
+            self.fit_posthoc(loader)
+
+    def on_train_start(self) -> None:
+        # Statistics fitted on an earlier network no longer describe the one being trained.
+        self.posthoc_fitted.fill_(False)
+
+    def on_train_end(self) -> None:
+        if not self.needs_posthoc:
+            return
+        self.fit_posthoc_from_datamodule()
+        # Re-save last.ckpt so that it carries the statistics and `test --ckpt_path last`
+        # does not refit them. Every rank calls save_checkpoint (it is collective under DDP).
+        callback = self.trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") if callback is not None else ""
+        if last:
+            self.trainer.save_checkpoint(last)
+
+    def _ensure_posthoc(self) -> None:
+        if self.needs_posthoc and not bool(self.posthoc_fitted):
+            self.fit_posthoc_from_datamodule()
+
+    def on_test_start(self) -> None:
+        self._ensure_posthoc()
+
+    def on_predict_start(self) -> None:
+        self._ensure_posthoc()

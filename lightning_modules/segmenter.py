@@ -1,0 +1,277 @@
+"""A DeepLabV3+ closed-set segmenter: the network, loss and optimisation shared by SML and FRE.
+
+On its own it is a method too: its anomaly scores are the logit baselines (MSP, MaxLogit,
+entropy). SML and FRE subclass it and add post-hoc statistics; both can start from the weights
+of any segmenter checkpoint (``init_checkpoint``) so one trained network serves every scorer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
+from lightning_modules.base import AnomalySegmentationModule, MethodOutput
+from lightning_modules.baselines import baseline_scores
+
+log = logging.getLogger(__name__)
+
+#: smp's DeepLabV3+ needs input sides divisible by this (output stride 16 and a 1/4 skip).
+SIZE_DIVISOR = 16
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained encoder weights could not be loaded; the message says how to proceed."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is unreadable or belongs to an incompatible method."""
+
+
+def _load_local_encoder_weights(encoder: nn.Module, path: Path) -> None:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, Mapping) else state
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing:
+        raise PretrainedWeightsError(
+            f"encoder_weights '{path}': {len(missing)} encoder parameters missing (e.g. {missing[:3]}); "
+            "is it a state dict of this encoder?"
+        )
+    if unexpected:
+        log.warning("encoder_weights '%s': ignored %d unexpected keys", path, len(unexpected))
+
+
+def build_encoder(name: str, weights: str | None, output_stride: int = 32, depth: int = 5) -> nn.Module:
+    """An smp encoder; ``weights`` is an smp weight name ('imagenet'), a local file, or None.
+
+    Downloads go through the Hugging Face hub cache. Offline, a missing download becomes a
+    :class:`PretrainedWeightsError` that says how to proceed instead of a network traceback.
+    """
+    if weights is not None and (os.sep in weights or Path(weights).suffix in (".pth", ".pt", ".safetensors")):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise PretrainedWeightsError(f"encoder_weights '{weights}' looks like a file but does not exist")
+        encoder = smp.encoders.get_encoder(name, weights=None, output_stride=output_stride, depth=depth)
+        _load_local_encoder_weights(encoder, path)
+        return encoder
+    try:
+        return smp.encoders.get_encoder(name, weights=weights, output_stride=output_stride, depth=depth)
+    except KeyError as error:
+        raise PretrainedWeightsError(f"model.encoder_name / encoder_weights: {error.args[0]}") from None
+    except Exception as error:  # network and hub errors come in many types
+        if weights is None:
+            raise
+        settings = smp.encoders.encoders.get(name, {}).get("pretrained_settings", {}).get(weights, {})
+        repo = settings.get("repo_id", f"<the hub repository of {name}>")
+        raise PretrainedWeightsError(
+            f"could not load pretrained weights '{weights}' for encoder '{name}' "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). This machine may be offline. "
+            f"Either pre-download them into the Hugging Face cache on a machine with internet "
+            f"(`huggingface-cli download {repo}`, then copy $HF_HOME, default ~/.cache/huggingface), "
+            f"point model.encoder_weights at a local .safetensors/.pth state dict of the encoder, "
+            f"or train from scratch with `encoder_weights: null`."
+        ) from None
+
+
+class DeepLabV3Plus(nn.Module):
+    """smp's DeepLabV3+ with its decoder features exposed, for any input size.
+
+    Inputs whose sides are not multiples of 16 are padded (replicated border) and the outputs
+    cropped back, so predict works on images of any size.
+    """
+
+    def __init__(
+        self, num_classes: int, encoder_name: str, encoder_weights: str | None, output_stride: int = 16
+    ) -> None:
+        super().__init__()
+        self.model = smp.DeepLabV3Plus(
+            encoder_name=encoder_name, encoder_weights=None, classes=num_classes, encoder_output_stride=output_stride
+        )
+        if encoder_weights is not None:
+            self.model.encoder = build_encoder(encoder_name, encoder_weights, output_stride=output_stride)
+
+    def forward_features(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """(decoder features [B, 256, H/4, W/4], logits [B, K, H, W]) for input [B, 3, H, W]."""
+        height, width = image.shape[-2:]
+        pad_h = (-height) % SIZE_DIVISOR
+        pad_w = (-width) % SIZE_DIVISOR
+        if pad_h or pad_w:
+            image = F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
+        features = self.model.decoder(self.model.encoder(image))
+        logits = self.model.segmentation_head(features)
+        if pad_h or pad_w:
+            logits = logits[..., :height, :width]
+            features = features[..., : math.ceil(height / 4), : math.ceil(width / 4)]
+        return features, logits
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.forward_features(image)[1]
+
+
+def class_weights_from_frequencies(counts: Tensor, scheme: str) -> Tensor:
+    """Cross-entropy class weights from pixel counts.
+
+    'enet': 1 / ln(1.02 + p) (Paszke et al., the weighting ERFNet and ContMAV use);
+    'inverse_sqrt': 1 / sqrt(p), normalized to mean 1. Classes without pixels get weight 0.
+    """
+    counts = counts.double()
+    freq = counts / counts.sum().clamp_min(1)
+    if scheme == "enet":
+        weights = 1.0 / torch.log(1.02 + freq)
+    elif scheme == "inverse_sqrt":
+        weights = freq.clamp_min(1e-12).rsqrt()
+        weights = weights / weights[counts > 0].mean()
+    else:
+        raise ValueError(f"unknown class weighting '{scheme}'; expected 'none', 'enet' or 'inverse_sqrt'")
+    return torch.where(counts > 0, weights, torch.zeros_like(weights)).float()
+
+
+def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a Lightning checkpoint safely (``weights_only=True``); clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"checkpoint '{path}' cannot be loaded safely ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); it may be truncated, corrupt, or contain code"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"checkpoint '{path}' is not a Lightning checkpoint (no 'state_dict')")
+    return checkpoint
+
+
+class DeepLabV3PlusSegmenter(AnomalySegmentationModule):
+    """DeepLabV3+ trained with (optionally class-weighted) cross-entropy, ignore index 255.
+
+    Args:
+        num_classes: known classes (13, or 12 with ``data.ignore_unlabeled``); linked from the data.
+        encoder_name: any segmentation-models-pytorch encoder (``resnet50``, ``resnet18``, ...).
+        encoder_weights: 'imagenet' (downloaded once into the Hugging Face cache), a local
+            state-dict file, or None to train from scratch.
+        output_stride: encoder output stride (8 or 16).
+        class_weighting: 'none', 'enet' or 'inverse_sqrt'; frequencies are counted once over the
+            training split and cached by the datamodule.
+        optimizer: 'adamw' or 'sgd'; ``lr``, ``weight_decay``, ``momentum`` (SGD).
+        scheduler: 'poly' (power ``poly_power``), 'cosine' or 'none', stepped per batch.
+        init_checkpoint: start from the network weights of another segmenter-based checkpoint
+            (SML, FRE or this class), e.g. to score an already trained segmenter without retraining.
+        channels_last: NHWC memory format, faster with mixed precision on GPUs.
+    """
+
+    method_name = "segmenter"
+
+    def __init__(
+        self,
+        num_classes: int = NUM_CLASSES,
+        encoder_name: str = "resnet50",
+        encoder_weights: str | None = "imagenet",
+        output_stride: int = 16,
+        class_weighting: Literal["none", "enet", "inverse_sqrt"] = "none",
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        scheduler: Literal["poly", "cosine", "none"] = "poly",
+        poly_power: float = 0.9,
+        init_checkpoint: str | None = None,
+        channels_last: bool = False,
+        ignore_index: int = IGNORE_INDEX,
+        anomaly_index: int = ANOMALY_INDEX,
+    ) -> None:
+        super().__init__(num_classes=num_classes, ignore_index=ignore_index, anomaly_index=anomaly_index)
+        self.save_hyperparameters()
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"model.optimizer must be 'adamw' or 'sgd', got '{optimizer}'")
+        if scheduler not in ("poly", "cosine", "none"):
+            raise ValueError(f"model.scheduler must be 'poly', 'cosine' or 'none', got '{scheduler}'")
+        if class_weighting not in ("none", "enet", "inverse_sqrt"):
+            raise ValueError(f"model.class_weighting must be 'none', 'enet' or 'inverse_sqrt', got '{class_weighting}'")
+        self.net = DeepLabV3Plus(num_classes, encoder_name, encoder_weights, output_stride)
+        self.register_buffer("class_weights", torch.ones(num_classes))
+        if init_checkpoint is not None:
+            self.load_network_weights(init_checkpoint)
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    # ----------------------------------------------------------------- network
+    def load_network_weights(self, path: str) -> None:
+        """Copy ``net.*`` weights from a checkpoint of any segmenter-based method."""
+        state = load_checkpoint_file(path)["state_dict"]
+        net_state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+        if not net_state:
+            raise CheckpointError(f"checkpoint '{path}' holds no DeepLabV3+ segmenter weights ('net.*')")
+        try:
+            self.net.load_state_dict(net_state)
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"checkpoint '{path}' does not match this segmenter (encoder_name / num_classes differ?): "
+                f"{str(error).splitlines()[0][:300]}"
+            ) from None
+
+    def _prepare(self, image: Tensor) -> Tensor:
+        return image.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else image
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(self._prepare(image))
+
+    def forward_features(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        return self.net.forward_features(self._prepare(image))
+
+    def segment(self, image: Tensor) -> MethodOutput:
+        logits = self(image)
+        return MethodOutput(logits, baseline_scores(logits))
+
+    # ----------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.class_weighting != "none":
+            datamodule = self.trainer.datamodule
+            counts = torch.as_tensor(datamodule.class_pixel_counts(), dtype=torch.float64)
+            self.class_weights.copy_(class_weights_from_frequencies(counts, self.hparams.class_weighting))
+            log.info("class weights (%s): %s", self.hparams.class_weighting, self.class_weights.tolist())
+
+    def segmentation_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        weight = self.class_weights if self.hparams.class_weighting != "none" else None
+        return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=self.ignore_index)
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch["image"])
+        loss = self.segmentation_loss(logits, batch["mask"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=True
+            )
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "none":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        else:
+            power = hp.poly_power
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: max(0.0, 1.0 - min(step, total) / total) ** power
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,89 @@
+"""Entry point: ``python main.py {fit,validate,test,predict,compare,download} ...``.
+
+``fit``/``validate``/``test``/``predict`` are Lightning's CLI over a method (any subclass of
+``AnomalySegmentationModule``) and the StreetHazards datamodule; ``compare`` runs every method
+on the same data and writes one table and one figure; ``download`` fetches the real dataset.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import lightning_modules  # noqa: F401  (registers the methods for --model)
+from callbacks.evaluation import AnomalyEvaluation
+from callbacks.visualization import AnomalyHeatmapLogger
+from datamodules.streethazards import StreetHazardsDataModule
+from lightning_modules.base import AnomalySegmentationModule
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already says what is wrong and where: printed as one line, exit code 2."""
+    from datamodules.streethazards import StreetHazardsDataError
+    from lightning_modules.segmenter import CheckpointError, PretrainedWeightsError
+
+    errors: list[type[BaseException]] = [StreetHazardsDataError, CheckpointError, PretrainedWeightsError]
+    try:
+        from datamodules.injection import OutlierSourceError
+
+        errors.append(OutlierSourceError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+class AnomalyCLI(LightningCLI):
+    """LightningCLI with the evaluation callbacks and checkpointing always present and configurable."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/miou",
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch}-step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(AnomalyEvaluation, "evaluation")
+        parser.add_lightning_class_args(AnomalyHeatmapLogger, "heatmaps")
+
+
+def cli_main(args: Sequence[str] | None = None, run: bool = True) -> AnomalyCLI:
+    return AnomalyCLI(
+        AnomalySegmentationModule,
+        StreetHazardsDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"default_root_dir": "outputs"},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    errors = _user_errors()
+    try:
+        if argv and argv[0] == "compare":
+            from callbacks.comparison import compare_main
+
+            return compare_main(argv[1:])
+        if argv and argv[0] == "download":
+            from datamodules.download import download_main
+
+            return download_main(argv[1:])
+        cli_main(argv)
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
