@@ -1,0 +1,72 @@
+"""Anomaly scores that any segmenter gets for free from its logits: MSP, MaxLogit, entropy.
+
+Pure tensor functions ``logits [B, K, H, W] -> score [B, H, W]``, higher = more anomalous.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _check_logits(logits: Tensor, name: str = "logits") -> Tensor:
+    """Validate ``[B, K, H, W]`` floating logits; upcast half precision to float32."""
+    if logits.ndim != 4:
+        raise ValueError(f"{name} must have shape [B, K, H, W], got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {logits.dtype}")
+    # bf16 / fp16 keep about 3 significant digits: standardizing and smoothing such values in
+    # their own precision would quantize the score; float64 input is left as is.
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits.detach()
+
+
+def _softmax_tail(logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logits, l_max [B,H,W], e [B,K,H,W], s [B,H,W])``: the checked (upcast) logits,
+    ``e_k = exp(l_k - l_max)`` except 0 at the argmax, and ``s = sum_k e_k``, so that
+    ``p_max = 1 / (1 + s)``. Logits must be finite.
+
+    Keeping the non-maximal mass ``s`` separate avoids ``1 - p_max`` and ``log p_max`` rounding to
+    0 for confident pixels (most pixels), which would tie them and blunt AUROC/AUPR.
+    """
+    logits = _check_logits(logits)
+    l_max, argmax = logits.max(dim=1, keepdim=True)
+    e = torch.exp(logits - l_max).scatter_(1, argmax, 0.0)
+    return logits, l_max.squeeze(1), e, e.sum(dim=1)
+
+
+def msp_score(logits: Tensor) -> Tensor:
+    """Maximum softmax probability baseline: ``1 - max_k softmax(logits)_k``, ``[B, H, W]``.
+
+    Evaluated as ``s / (1 + s)`` with ``s = sum_{k != argmax} exp(l_k - l_max)``, which equals
+    ``1 - p_max`` exactly and keeps its relative precision when ``p_max`` is close to 1.
+    """
+    _, _, _, s = _softmax_tail(logits)
+    return s / (1.0 + s)
+
+
+def max_logit_score(logits: Tensor) -> Tensor:
+    """Max-logit baseline: ``-max_k logits_k``, ``[B, H, W]``."""
+    return -_check_logits(logits).amax(dim=1)
+
+
+def entropy_score(logits: Tensor) -> Tensor:
+    """Softmax entropy ``-sum_k p_k log p_k`` (natural log), ``[B, H, W]``.
+
+    With ``p_k = e_k / (1 + s)`` (see ``_softmax_tail``), ``log p_k = (l_k - l_max) - log1p(s)``,
+    hence ``H = log1p(s) + sum_k p_k (l_max - l_k)``: a sum of non-negative terms, with no
+    ``log 0`` when probabilities underflow and no cancellation for confident pixels.
+    """
+    logits, l_max, e, s = _softmax_tail(logits)
+    spread = (e * (l_max.unsqueeze(1) - logits)).sum(dim=1)
+    return torch.log1p(s) + spread / (1.0 + s)
+
+
+#: Baseline scores reported beside every segmenter-based method, in table order.
+BASELINES = {"msp": msp_score, "maxlogit": max_logit_score, "entropy": entropy_score}
+
+
+def baseline_scores(logits: Tensor) -> dict[str, Tensor]:
+    """All baseline scores of ``logits`` by name."""
+    return {name: fn(logits) for name, fn in BASELINES.items()}
