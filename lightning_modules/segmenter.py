@@ -45,14 +45,19 @@ def _load_local_encoder_weights(encoder: nn.Module, path: Path) -> None:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, Mapping) else state
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    # smp encoders drop classifier keys in their own load_state_dict and return nothing, so the
+    # key check is done here.
+    expected = set(encoder.state_dict())
+    missing = sorted(expected - set(state))
     if missing:
         raise PretrainedWeightsError(
             f"encoder_weights '{path}': {len(missing)} encoder parameters missing (e.g. {missing[:3]}); "
             "is it a state dict of this encoder?"
         )
-    if unexpected:
+    unexpected = set(state) - expected
+    if unexpected - {"fc.weight", "fc.bias"}:
         log.warning("encoder_weights '%s': ignored %d unexpected keys", path, len(unexpected))
+    encoder.load_state_dict({k: v for k, v in state.items() if k in expected})
 
 
 def build_encoder(name: str, weights: str | None, output_stride: int = 32, depth: int = 5) -> nn.Module:
