@@ -3,7 +3,7 @@
 The loading code cannot tell it from the release: the same folders, ``.odgt`` indexes, RGBA image
 PNGs and mode-L annotation PNGs with raw values ``class index + 1`` (1..14)::
 
-    train/train.odgt         train/images/training/t1..t3/NNNNNN.png   train/annotations/training/...
+    train/train.odgt         train/images/training/t1-3/NNNNNN.png   train/annotations/training/...
     train/validation.odgt    train/images/validation/t4/NNNNNN.png     train/annotations/validation/...
     test/test.odgt           test/images/test/t5/NNNNNN.png            test/annotations/test/...
 
@@ -106,7 +106,7 @@ class _Split:
 
 
 _SPLITS: tuple[_Split, ...] = (
-    _Split("train", 0, "train", "training", ("t1", "t2", "t3"), "train.odgt", False),
+    _Split("train", 0, "train", "training", ("t1-3",), "train.odgt", False),
     _Split("val", 1, "train", "validation", ("t4",), "validation.odgt", False),
     _Split("test", 2, "test", "test", ("t5",), "test.odgt", True),
 )
@@ -362,7 +362,7 @@ def _draw_ground(cv: _Canvas, cam: _Camera, road: _Road, rng: np.random.Generato
 
     # Asphalt.
     on_road = (x >= road.left) & (x <= road.right)
-    cv.paint(region, on_road, _ROAD, _colour(rng, (92, 92, 96), 0.2, 6), depth, (0.1, 0.06))
+    cv.paint(region, on_road, _ROAD, _colour(rng, (92, 92, 96), 0.2, 6), depth, (0.07, 0.06))
 
     # Lane lines: painted where they are at least ~0.6 px wide, so the far end does not alias.
     line_w = rng.uniform(0.12, 0.2)
@@ -622,23 +622,29 @@ def _draw_tree(cv: _Canvas, cam: _Camera, rng: np.random.Generator, x: float, z:
 
 def _draw_furniture(cv: _Canvas, cam: _Camera, rng: np.random.Generator, x: float, z: float) -> None:
     """Street furniture labelled "other": bins, benches, crates and bollards."""
-    form = rng.integers(4)
-    width, height = [(0.6, 1.05), (1.8, 0.95), (rng.uniform(0.6, 1.2), rng.uniform(0.5, 1.0)), (0.22, 0.85)][form]
+    form = ("bin", "bench", "crate", "bollard")[rng.integers(4)]
+    width, height = {
+        "bin": (0.6, 1.05),
+        "bench": (1.8, 0.95),
+        "crate": (rng.uniform(0.6, 1.2), rng.uniform(0.5, 1.0)),
+        "bollard": (0.22, 0.85),
+    }[form]
     box = _billboard(cam, x, z, -width / 2 - 0.05, width / 2 + 0.05, height)
     if box is None:
         return
     region, lx, ly = box
     ax = np.abs(lx)
-    if form == 0:  # bin with a wider lid
-        shape = ((ax <= width / 2 - 0.04) & (ly <= height - 0.08)) | ((ax <= width / 2) & (ly <= height))
+    if form == "bin":  # the lid overhangs the body
+        body = (ax <= width / 2 - 0.04) & (ly <= height - 0.08)
+        shape = body | ((ax <= width / 2) & (ly > height - 0.08) & (ly <= height))
         mean = ((45, 85, 55), (70, 72, 78), (40, 60, 120))[rng.integers(3)]
-    elif form == 1:  # bench: legs, seat, backrest
+    elif form == "bench":  # legs, seat, slatted backrest
         legs = (np.abs(ax - width / 2 + 0.15) < 0.05) & (ly <= 0.45)
         seat = (ly > 0.4) & (ly <= 0.5) & (ax <= width / 2)
         back = (ly > 0.62) & (ly <= height) & (ax <= width / 2) & (_frac(ly / 0.12) < 0.7)
         shape = legs | seat | back
         mean = (120, 85, 55)
-    elif form == 2:  # crate
+    elif form == "crate":
         shape = (ax <= width / 2) & (ly <= height)
         mean = (150, 115, 75)
     else:  # bollard with a round top
@@ -716,7 +722,7 @@ def _anomaly_shape(kind: str, u: np.ndarray, v: np.ndarray, p: np.ndarray) -> np
     """Mask of a shape in normalized coordinates (the shape spans about [-1, 1]^2)."""
     r = np.hypot(u, v)
     if kind == "star":
-        points, inner = int(4 + p[0] * 4.99), 0.42 + 0.18 * p[1]
+        points, inner = 5 + int(p[0] * 4), 0.42 + 0.18 * p[1]  # 5 to 8 points
         tri = np.abs(_frac(np.arctan2(v, u) * points / (2 * np.pi) + p[2]) * 2.0 - 1.0)
         return r <= inner + (1.0 - inner) * tri**1.5
     if kind == "ring":
@@ -966,7 +972,12 @@ def write_synthetic_streethazards(
         _write_all(partial, {k: int(v) for k, v in counts.items() if k != "workers"}, size, int(seed), workers)
         if root.exists():
             root.rmdir()  # empty (checked above); the rename needs the name free
-        partial.rename(root)
+        try:
+            partial.rename(root)
+        except OSError as error:
+            if root.is_dir() and any(root.iterdir()):
+                raise FileExistsError(f"{root} was filled by another process while this one was writing") from error
+            raise
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

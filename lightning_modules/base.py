@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
@@ -43,6 +45,24 @@ class MethodOutput:
         return next(iter(self.scores))
 
 
+def class_weights_from_frequencies(counts: Tensor, scheme: str) -> Tensor:
+    """Cross-entropy class weights from pixel counts.
+
+    'enet': 1 / ln(1.02 + p) (Paszke et al., the weighting ERFNet and ContMAV use);
+    'inverse_sqrt': 1 / sqrt(p), normalized to mean 1. Classes without pixels get weight 0.
+    """
+    counts = counts.double()
+    freq = counts / counts.sum().clamp_min(1)
+    if scheme == "enet":
+        weights = 1.0 / torch.log(1.02 + freq)
+    elif scheme == "inverse_sqrt":
+        weights = freq.clamp_min(1e-12).rsqrt()
+        weights = weights / weights[counts > 0].mean()
+    else:
+        raise ValueError(f"unknown class weighting '{scheme}'; expected 'none', 'enet' or 'inverse_sqrt'")
+    return torch.where(counts > 0, weights, torch.zeros_like(weights)).float()
+
+
 class AnomalySegmentationModule(L.LightningModule):
     """Shared base: evaluation steps, prediction step and the post-hoc fitting loop."""
 
@@ -52,13 +72,39 @@ class AnomalySegmentationModule(L.LightningModule):
     def __init__(
         self,
         num_classes: int = NUM_CLASSES,
+        class_weighting: Literal["none", "enet", "inverse_sqrt"] = "none",
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        scheduler: Literal["poly", "cosine", "none"] = "poly",
+        poly_power: float = 0.9,
         ignore_index: int = IGNORE_INDEX,
         anomaly_index: int = ANOMALY_INDEX,
     ) -> None:
+        """Training options shared by every method.
+
+        Args:
+            num_classes: known classes (13, or 12 with ``data.ignore_unlabeled``); the CLI links
+                it from the datamodule.
+            class_weighting: cross-entropy class weights, 'none', 'enet' or 'inverse_sqrt';
+                frequencies are counted once over the training split and cached by the datamodule.
+            optimizer: 'adamw' or 'sgd' (Nesterov); ``lr``, ``weight_decay``, ``momentum`` (SGD).
+            scheduler: 'poly' (power ``poly_power``), 'cosine' or 'none', stepped per batch.
+        """
         super().__init__()
+        self.save_hyperparameters()
+        for name, value, allowed in (
+            ("class_weighting", class_weighting, ("none", "enet", "inverse_sqrt")),
+            ("optimizer", optimizer, ("adamw", "sgd")),
+            ("scheduler", scheduler, ("poly", "cosine", "none")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"model.{name} must be one of {allowed}, got '{value}'")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.anomaly_index = anomaly_index
+        self.register_buffer("class_weights", torch.ones(num_classes))
         # Whether post-hoc statistics have been fitted; checkpointed so tests of a trained and
         # fitted checkpoint do not refit.
         self.register_buffer("posthoc_fitted", torch.zeros((), dtype=torch.bool))
@@ -67,6 +113,38 @@ class AnomalySegmentationModule(L.LightningModule):
     def segment(self, image: Tensor) -> MethodOutput:
         """Closed-set logits and anomaly scores for a batch of normalized images."""
         raise NotImplementedError
+
+    # ----------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.class_weighting != "none":
+            counts = torch.as_tensor(self.trainer.datamodule.class_pixel_counts(), dtype=torch.float64)
+            self.class_weights.copy_(class_weights_from_frequencies(counts, self.hparams.class_weighting))
+            log.info("class weights (%s): %s", self.hparams.class_weighting, self.class_weights.tolist())
+
+    def segmentation_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy in float32 (also under mixed precision), optional class weights, ignore 255."""
+        weight = self.class_weights if self.hparams.class_weighting != "none" else None
+        return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=self.ignore_index)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=True
+            )
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "none":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        else:
+            power = hp.poly_power
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: max(0.0, 1.0 - min(step, total) / total) ** power
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- evaluation steps
     def _evaluation_step(self, batch: Mapping[str, Tensor]) -> dict[str, object]:

@@ -127,24 +127,6 @@ class DeepLabV3Plus(nn.Module):
         return self.forward_features(image)[1]
 
 
-def class_weights_from_frequencies(counts: Tensor, scheme: str) -> Tensor:
-    """Cross-entropy class weights from pixel counts.
-
-    'enet': 1 / ln(1.02 + p) (Paszke et al., the weighting ERFNet and ContMAV use);
-    'inverse_sqrt': 1 / sqrt(p), normalized to mean 1. Classes without pixels get weight 0.
-    """
-    counts = counts.double()
-    freq = counts / counts.sum().clamp_min(1)
-    if scheme == "enet":
-        weights = 1.0 / torch.log(1.02 + freq)
-    elif scheme == "inverse_sqrt":
-        weights = freq.clamp_min(1e-12).rsqrt()
-        weights = weights / weights[counts > 0].mean()
-    else:
-        raise ValueError(f"unknown class weighting '{scheme}'; expected 'none', 'enet' or 'inverse_sqrt'")
-    return torch.where(counts > 0, weights, torch.zeros_like(weights)).float()
-
-
 def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a Lightning checkpoint safely (``weights_only=True``); clear errors for bad files."""
     path = Path(path)
@@ -165,16 +147,11 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 class DeepLabV3PlusSegmenter(AnomalySegmentationModule):
     """DeepLabV3+ trained with (optionally class-weighted) cross-entropy, ignore index 255.
 
-    Args:
-        num_classes: known classes (13, or 12 with ``data.ignore_unlabeled``); linked from the data.
+    Args (besides the training options of ``AnomalySegmentationModule``):
         encoder_name: any segmentation-models-pytorch encoder (``resnet50``, ``resnet18``, ...).
         encoder_weights: 'imagenet' (downloaded once into the Hugging Face cache), a local
             state-dict file, or None to train from scratch.
         output_stride: encoder output stride (8 or 16).
-        class_weighting: 'none', 'enet' or 'inverse_sqrt'; frequencies are counted once over the
-            training split and cached by the datamodule.
-        optimizer: 'adamw' or 'sgd'; ``lr``, ``weight_decay``, ``momentum`` (SGD).
-        scheduler: 'poly' (power ``poly_power``), 'cosine' or 'none', stepped per batch.
         init_checkpoint: start from the network weights of another segmenter-based checkpoint
             (SML, FRE or this class), e.g. to score an already trained segmenter without retraining.
         channels_last: NHWC memory format, faster with mixed precision on GPUs.
@@ -243,40 +220,8 @@ class DeepLabV3PlusSegmenter(AnomalySegmentationModule):
         logits = self(image)
         return MethodOutput(logits, baseline_scores(logits))
 
-    # ----------------------------------------------------------------- training
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.class_weighting != "none":
-            datamodule = self.trainer.datamodule
-            counts = torch.as_tensor(datamodule.class_pixel_counts(), dtype=torch.float64)
-            self.class_weights.copy_(class_weights_from_frequencies(counts, self.hparams.class_weighting))
-            log.info("class weights (%s): %s", self.hparams.class_weighting, self.class_weights.tolist())
-
-    def segmentation_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        weight = self.class_weights if self.hparams.class_weighting != "none" else None
-        return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=self.ignore_index)
-
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch["image"])
         loss = self.segmentation_loss(logits, batch["mask"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
         return loss
-
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(
-                self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=True
-            )
-        else:
-            optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.scheduler == "none":
-            return optimizer
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        if hp.scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-        else:
-            power = hp.poly_power
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: max(0.0, 1.0 - min(step, total) / total) ** power
-            )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from lightning_modules.base import class_weights_from_frequencies
 from lightning_modules.segmenter import (
     CheckpointError,
     DeepLabV3PlusSegmenter,
     PretrainedWeightsError,
     build_encoder,
-    class_weights_from_frequencies,
 )
 from lightning_modules.sml import SMLSegmenter
 
