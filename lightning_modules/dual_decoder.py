@@ -38,15 +38,19 @@ Loss weights of the reference training script, for orientation (``train.py``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3PlusDecoder
 from torch import Tensor, nn
 
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
+from lightning_modules.base import AnomalySegmentationModule, MethodOutput
+from lightning_modules.baselines import baseline_scores
+from lightning_modules.segmenter import build_encoder
+from lightning_modules.sml import sml_accumulate, sml_anomaly_score, sml_statistics
 
 __all__ = [
     "DualDecoderNet",
@@ -60,6 +64,7 @@ __all__ = [
     "semantic_anomaly_score",
     "contrastive_anomaly_score",
     "dual_decoder_anomaly_score",
+    "DualDecoderSegmenter",
 ]
 
 
@@ -102,7 +107,7 @@ class DualDecoderNet(nn.Module):
             raise ValueError(f"encoder_output_stride must be 8 or 16, got {encoder_output_stride}")
         self.num_classes = num_classes
         self.embedding_dim = num_classes if embedding_dim is None else embedding_dim
-        self.encoder = _build_encoder(encoder_name, encoder_weights, encoder_output_stride)
+        self.encoder = build_encoder(encoder_name, encoder_weights, output_stride=encoder_output_stride)
 
         def make_decoder() -> DeepLabV3PlusDecoder:
             return DeepLabV3PlusDecoder(
@@ -140,17 +145,6 @@ class DualDecoderNet(nn.Module):
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         embedding = F.interpolate(embedding, size=size, mode="bilinear", align_corners=False)
         return logits[..., :height, :width], embedding[..., :height, :width]
-
-
-def _build_encoder(name: str, weights: str | None, output_stride: int) -> nn.Module:
-    try:
-        return smp.encoders.get_encoder(name, in_channels=3, depth=5, weights=weights, output_stride=output_stride)
-    except OSError as err:  # huggingface_hub raises OSError subclasses when it cannot fetch
-        raise RuntimeError(
-            f"Could not load pretrained weights {weights!r} for encoder {name!r} ({err}). "
-            "Without network access, use encoder_weights=None or populate the Hugging Face cache "
-            "first (set HF_HUB_OFFLINE=1 to fail fast instead of retrying)."
-        ) from err
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -491,3 +485,183 @@ def dual_decoder_anomaly_score(
     s_sem = semantic_anomaly_score(logits, class_means, class_stds, class_valid)
     s_con = contrastive_anomaly_score(embedding, xi)
     return 0.5 * (s_sem + s_con)
+
+
+# --------------------------------------------------------------------------------------- the method
+class DualDecoderSegmenter(AnomalySegmentationModule):
+    """Open-world segmenter with a semantic and a contrastive decoder, trained on pasted outliers.
+
+    Training batches need ``mask`` (13 where outliers were pasted) and ``mask_clean`` (the label
+    before pasting): use the datamodule's ``injection`` option. Per-class logit means/stds (from
+    true-positive pixels) and embedding prototypes are accumulated in float64 buffers during each
+    training epoch, summed across processes and turned into the next epoch's statistics at its
+    end; they are checkpointed, so a resumed run continues with the same statistics.
+
+    With ``sml_on_semantic`` the SML statistics of the semantic logits are fitted after training
+    too, and the evaluation reports SML on this model beside its own score.
+
+    Args (besides the training options of ``AnomalySegmentationModule``):
+        encoder_name, encoder_weights: the shared smp encoder (weights: 'imagenet', a local file or None).
+        embedding_dim: ``D`` of the contrastive decoder (default ``K``).
+        xi: objectosphere radius (squared norm) of known pixels.
+        temperature: softmax temperature of the prototype-contrastive loss.
+        prototype_momentum: EMA weight of the previous prototypes at each epoch end.
+        ce_weight, feature_weight, objectosphere_weight, contrastive_weight: loss weights.
+        unknown_weight: weight of the anomaly-pixel term inside the objectosphere loss.
+        sml_on_semantic: also score with SML on the semantic logits (fitted after training).
+    """
+
+    method_name = "dual_decoder"
+
+    def __init__(
+        self,
+        encoder_name: str = "resnet50",
+        encoder_weights: str | None = "imagenet",
+        embedding_dim: int | None = None,
+        xi: float = 1.0,
+        temperature: float = 0.1,
+        prototype_momentum: float = 0.9,
+        ce_weight: float = 0.9,
+        feature_weight: float = 0.1,
+        objectosphere_weight: float = 0.5,
+        contrastive_weight: float = 0.5,
+        unknown_weight: float = 10.0,
+        sml_on_semantic: bool = True,
+        channels_last: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
+        super().__init__(**base_kwargs)
+        k = self.num_classes
+        self.net = DualDecoderNet(k, embedding_dim, encoder_name, encoder_weights)
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        d = self.net.embedding_dim
+        f64 = torch.float64
+        # epoch accumulators
+        self.register_buffer("sem_sums", torch.zeros(k, k, dtype=f64))
+        self.register_buffer("sem_sq_sums", torch.zeros(k, k, dtype=f64))
+        self.register_buffer("sem_counts", torch.zeros(k, dtype=f64))
+        self.register_buffer("emb_sums", torch.zeros(k, d, dtype=f64))
+        self.register_buffer("emb_counts", torch.zeros(k, dtype=f64))
+        # statistics of the previous epoch, used by the losses and the score
+        self.register_buffer("class_means", torch.zeros(k, k, dtype=f64))
+        self.register_buffer("class_stds", torch.ones(k, k, dtype=f64))
+        self.register_buffer("class_valid", torch.zeros(k, dtype=torch.bool))
+        self.register_buffer("prototypes", torch.zeros(k, d, dtype=f64))
+        # post-hoc SML statistics of the semantic logits
+        self.register_buffer("max_logit_sums", torch.zeros(k, dtype=f64))
+        self.register_buffer("max_logit_sq_sums", torch.zeros(k, dtype=f64))
+        self.register_buffer("max_logit_counts", torch.zeros(k, dtype=f64))
+        self.register_buffer("sml_means", torch.zeros(k, dtype=f64))
+        self.register_buffer("sml_stds", torch.ones(k, dtype=f64))
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        if self.hparams.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return self.net(image)
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        hp = self.hparams
+        mask = batch["mask"]
+        clean = batch.get("mask_clean", mask)
+        # The semantic decoder learns the known classes only: pasted pixels are ignored there.
+        semantic_target = torch.where(mask == self.anomaly_index, torch.full_like(clean, self.ignore_index), clean)
+        logits, embedding = self(batch["image"])
+        ce = self.segmentation_loss(logits, semantic_target)
+        feature = semantic_feature_loss(
+            logits, semantic_target, self.class_means.float(), self.class_stds.float(), self.class_valid
+        )
+        objectosphere = objectosphere_loss(
+            embedding, mask, hp.xi, hp.unknown_weight, self.anomaly_index, self.ignore_index
+        )
+        contrastive = contrastive_prototype_loss(embedding, semantic_target, self.prototypes.float(), hp.temperature)
+        loss = (
+            hp.ce_weight * ce
+            + hp.feature_weight * feature
+            + hp.objectosphere_weight * objectosphere
+            + hp.contrastive_weight * contrastive
+        )
+        with torch.no_grad():
+            sums, sq_sums, counts = accumulate_semantic_stats(
+                logits.detach(), semantic_target, self.sem_sums, self.sem_sq_sums, self.sem_counts
+            )
+            self.sem_sums.copy_(sums)
+            self.sem_sq_sums.copy_(sq_sums)
+            self.sem_counts.copy_(counts)
+            emb_sums, emb_counts = accumulate_embedding_sums(
+                embedding.detach(), semantic_target, self.emb_sums, self.emb_counts
+            )
+            self.emb_sums.copy_(emb_sums)
+            self.emb_counts.copy_(emb_counts)
+        batch_size = batch["image"].shape[0]
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/ce": ce,
+                "train/feature": feature,
+                "train/objectosphere": objectosphere,
+                "train/contrastive": contrastive,
+            },
+            batch_size=batch_size,
+        )
+        self.log("train/loss_step", loss, prog_bar=True, logger=False, batch_size=batch_size)
+        return loss
+
+    def epoch_accumulators(self) -> list[Tensor]:
+        return [self.sem_sums, self.sem_sq_sums, self.sem_counts, self.emb_sums, self.emb_counts]
+
+    @torch.no_grad()
+    def on_train_epoch_end(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for acc in self.epoch_accumulators():
+                torch.distributed.all_reduce(acc, op=torch.distributed.ReduceOp.SUM)
+        self.update_epoch_statistics()
+
+    @torch.no_grad()
+    def update_epoch_statistics(self) -> None:
+        """Turn this epoch's (summed) accumulators into the statistics of the next epoch."""
+        means, stds = finalize_semantic_stats(
+            self.sem_sums, self.sem_sq_sums, self.sem_counts, self.class_means, self.class_stds
+        )
+        self.class_means.copy_(means)
+        self.class_stds.copy_(stds)
+        self.class_valid |= self.sem_counts > 0
+        self.prototypes.copy_(
+            update_prototypes(self.prototypes, self.emb_sums, self.emb_counts, self.hparams.prototype_momentum)
+        )
+        for acc in self.epoch_accumulators():
+            acc.zero_()
+
+    # ----------------------------------------------------------------- post-hoc SML on the semantic logits
+    @property
+    def needs_posthoc(self) -> bool:
+        return bool(self.hparams.sml_on_semantic)
+
+    def reset_posthoc(self) -> None:
+        for buffer in self.posthoc_accumulators():
+            buffer.zero_()
+
+    def update_posthoc(self, batch: Mapping[str, Tensor]) -> None:
+        sml_accumulate(self(batch["image"])[0], self.max_logit_sums, self.max_logit_sq_sums, self.max_logit_counts)
+
+    def posthoc_accumulators(self) -> list[Tensor]:
+        return [self.max_logit_sums, self.max_logit_sq_sums, self.max_logit_counts]
+
+    def finalize_posthoc(self) -> None:
+        means, stds = sml_statistics(self.max_logit_sums, self.max_logit_sq_sums, self.max_logit_counts)
+        self.sml_means.copy_(means)
+        self.sml_stds.copy_(stds)
+
+    # ----------------------------------------------------------------- scoring
+    def segment(self, image: Tensor) -> MethodOutput:
+        logits, embedding = self(image)
+        scores = {
+            "dual_decoder": dual_decoder_anomaly_score(
+                logits, embedding, self.class_means.float(), self.class_stds.float(), self.hparams.xi, self.class_valid
+            )
+        }
+        if self.hparams.sml_on_semantic:
+            scores["sml"] = sml_anomaly_score(logits, self.sml_means.float(), self.sml_stds.float())
+        scores.update(baseline_scores(logits))
+        return MethodOutput(logits, scores)
