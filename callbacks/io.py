@@ -30,6 +30,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "dumps_json",
     "to_json_compatible",
 ]
 
@@ -121,14 +122,41 @@ def to_json_compatible(obj: Any) -> Any:
     raise TypeError(f"cannot write an object of type {type(obj).__name__} to JSON: {obj!r}")
 
 
+def dumps_json(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of ``obj`` (see ``to_json_compatible``), readable in an editor.
+
+    Objects and nested lists are indented by ``indent``; a list of scalars (a curve, a matrix
+    row) stays on one line instead of one line per number. ``indent=None`` gives one line.
+    """
+    return _format(to_json_compatible(obj), indent, 0)
+
+
+def _format(value: Any, indent: int | None, level: int) -> str:
+    def scalar(item: Any) -> str:
+        return json.dumps(item, allow_nan=False, ensure_ascii=False)
+
+    if indent is None:
+        return json.dumps(value, allow_nan=False, ensure_ascii=False)
+    inner, outer = " " * (indent * (level + 1)), " " * (indent * level)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = (f"{inner}{scalar(key)}: {_format(item, indent, level + 1)}" for key, item in value.items())
+        return "{\n" + ",\n".join(items) + f"\n{outer}}}"
+    if isinstance(value, list):
+        if all(not isinstance(item, (dict, list)) for item in value):
+            return "[" + ", ".join(scalar(item) for item in value) + "]"
+        return "[\n" + ",\n".join(f"{inner}{_format(item, indent, level + 1)}" for item in value) + f"\n{outer}]"
+    return scalar(value)
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> Path:
-    """Atomically write ``obj`` as strict JSON (non-finite floats as ``null``; see ``to_json_compatible``).
+    """Atomically write ``obj`` as strict JSON (``dumps_json``: non-finite floats as ``null``).
 
     The object is serialised completely before the file is opened, so an unserialisable value
-    raises without creating any file.
+    raises without creating or touching any file.
     """
-    text = json.dumps(to_json_compatible(obj), indent=indent, allow_nan=False, ensure_ascii=False)
-    return atomic_write_text(path, text + "\n")
+    return atomic_write_text(path, dumps_json(obj, indent) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
@@ -140,4 +168,3 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
         # torch.save wants a seekable binary stream; the BufferedWriter from fdopen is one.
         torch.save(obj, handle)
     return Path(path)
-

@@ -1,0 +1,655 @@
+"""Evaluation callback: closed-set and anomaly metrics for validation and test, and the results file.
+
+The callback only relies on the method contract (``lightning_modules/base.py``): every
+``validation_step``/``test_step`` returns ``{"logits": [B, K, h, w], "scores": {name: [B, h, w]}}``,
+the first score being the method's own and the rest baselines. Outputs at a lower resolution
+than the label are resized bilinearly (``align_corners=False``) before they are scored, so
+every method is evaluated on the label grid.
+
+Metrics are torchmetrics ``Metric`` objects living on the module's device that reduce
+themselves across processes in ``compute()``; the values are therefore logged with
+``sync_dist=False``. What this module adds per batch (resizing, image/pixel counts, the
+per-class false-positive histogram) stays on the device; ``AnomalyMetrics.update`` itself reads
+five integers back per score and batch to choose its bin layout.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from callbacks.functional import (
+    BinLayout,
+    accumulate_counts,
+    bin_index,
+    bin_layout,
+    bin_lower_edge,
+    float_to_key,
+)
+from callbacks.io import atomic_write_json
+from callbacks.metrics import AnomalyMetrics, SegmentationMetrics
+from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IGNORE_INDEX
+
+__all__ = [
+    "AnomalyEvaluation",
+    "NegativeScoreHistogram",
+    "device_layout",
+    "device_rebin",
+    "false_positive_breakdown",
+    "false_positive_report",
+    "resize_to",
+]
+
+#: Metrics of the primary score that are also logged without the score name (``test/aupr``).
+PRIMARY_KEYS: tuple[str, ...] = (
+    "aupr",
+    "auroc",
+    "fpr95",
+    "aupr_per_image",
+    "auroc_per_image",
+    "fpr95_per_image",
+)
+#: Metrics logged per score as ``<stage>/<score>/<key>``; every key goes into ``metrics.json``.
+LOGGED_KEYS: tuple[str, ...] = (*PRIMARY_KEYS, "threshold95")
+
+_STAGE_PREFIX = {"validate": "val", "test": "test"}
+
+# Key range of a histogram that has seen nothing: an empty interval (as in callbacks.metrics).
+_EMPTY_KEY_MIN = 1 << 31
+_EMPTY_KEY_MAX = -(1 << 31) - 1
+
+
+# --------------------------------------------------------------------------------------- pure functions
+def resize_to(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinearly resize ``[B, C, h, w]`` or ``[B, h, w]`` to ``size = (H, W)`` (``align_corners=False``).
+
+    Returns the input unchanged when it already has that size; otherwise a float32 tensor
+    (half-precision outputs are upcast first so CPU and GPU results agree).
+    """
+    size = (int(size[0]), int(size[1]))
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if x.dim() == 3:
+        return resize_to(x.unsqueeze(1), size).squeeze(1)
+    if x.dim() != 4:
+        raise ValueError(f"expected a [B, C, h, w] or [B, h, w] tensor, got shape {tuple(x.shape)}")
+    return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+
+
+def false_positive_breakdown(negatives: Tensor, threshold_bin: int) -> dict[str, np.ndarray]:
+    """Where the false positives of a thresholded score land, per class.
+
+    ``negatives``: ``[K, nbins]`` counts of negative (known-class) pixels per class and per score
+    bin, bins in increasing score order. A pixel is flagged anomalous when its bin index is
+    ``>= threshold_bin``.
+
+    Returns float64 arrays of length K:
+
+    - ``false_positives``: flagged negative pixels of each class, ``FP_c``;
+    - ``negatives``: all negative pixels of each class, ``N_c``;
+    - ``fraction``: ``FP_c / sum_c FP_c`` (sums to 1; NaN everywhere when nothing is flagged);
+    - ``false_positive_rate``: ``FP_c / N_c`` (NaN for classes without pixels).
+    """
+    counts = negatives.detach().to("cpu", torch.float64)
+    if counts.dim() != 2:
+        raise ValueError(f"expected [K, nbins] counts, got shape {tuple(counts.shape)}")
+    false_pos = counts[:, max(int(threshold_bin), 0) :].sum(dim=1).numpy()
+    total = counts.sum(dim=1).numpy()
+    flagged = false_pos.sum()
+    fraction = false_pos / flagged if flagged > 0 else np.full_like(false_pos, np.nan)
+    rate = np.divide(false_pos, total, out=np.full_like(false_pos, np.nan), where=total > 0)
+    return {"false_positives": false_pos, "negatives": total, "fraction": fraction, "false_positive_rate": rate}
+
+
+def device_layout(key_min: Tensor, key_max: Tensor, num_bits: int) -> tuple[Tensor, Tensor]:
+    """``(shift, offset)`` of ``functional.bin_layout`` as int64 device tensors, without a host sync.
+
+    ``shift`` is the smallest ``s`` with ``(key_max >> s) - (key_min >> s) < 2**num_bits``; the
+    condition is monotone in ``s``, so counting the shifts that fail gives it. An empty range
+    (``key_min > key_max``) gets shift 0.
+    """
+    shifts = torch.arange(41, device=key_min.device, dtype=torch.int64)
+    fails = ((key_max >> shifts) - (key_min >> shifts)) >= (1 << num_bits)
+    shift = fails.sum()
+    return shift, key_min >> shift
+
+
+def device_rebin(
+    counts: Tensor, old_shift: Tensor, old_offset: Tensor, new_shift: Tensor, new_offset: Tensor
+) -> Tensor:
+    """``functional.rebin_counts`` with the layouts as device tensors: ``[..., nbins]`` -> ``[..., nbins]``.
+
+    The new layout must cover the old one (``new_shift >= old_shift``), so old bin ``i`` lies in
+    new bin ``((old_offset + i) >> merge) - new_offset``; new bin ``j`` therefore collects the
+    old bins in ``[((new_offset + j) << merge) - old_offset, ((new_offset + j + 1) << merge) -
+    old_offset)``, read off a cumulative sum (deterministic, no scatter). An identical layout is
+    returned unchanged (the cumsum difference reproduces every bin).
+    """
+    num_bins = counts.shape[-1]
+    merge = new_shift - old_shift
+    j = torch.arange(num_bins + 1, device=counts.device, dtype=torch.int64)
+    bounds = (((new_offset + j) << merge) - old_offset).clamp(0, num_bins)
+    cumulative = F.pad(counts.cumsum(-1), (1, 0))
+    at_bounds = cumulative.index_select(-1, bounds)
+    return at_bounds[..., 1:] - at_bounds[..., :-1]
+
+
+# --------------------------------------------------------------------------------------- small metrics
+class NegativeScoreHistogram(Metric):
+    """Counts of negative pixels per grouping, per class and per score bin: ``[G, K, 2**num_bits]``.
+
+    A *grouping* assigns each pixel a class: e.g. its ground-truth class (G=0) and the class the
+    closed-set head predicts for it (G=1). Reading the counts at and above the bin of a
+    threshold gives the false positives at that threshold, split by class.
+
+    Binning follows :mod:`callbacks.functional`: scores become order-preserving float32 keys and
+    ``bin = (key >> shift) - offset``, with the finest ``shift`` that fits the key range seen so far
+    into ``2**num_bits`` bins; when the range grows, aligned bins merge exactly. Unlike
+    ``AnomalyMetrics``, the layout is kept as device tensors, so ``update`` never synchronises
+    with the host. A bin spans at most a fraction ``2**(shift - 23)`` of its values' magnitude
+    (``2**-(num_bits - 9)`` when the scores span the whole float range, 1/128 at 16 bits).
+    """
+
+    full_state_update = False
+    higher_is_better = None
+    is_differentiable = False
+
+    counts: Tensor
+    key_min: Tensor
+    key_max: Tensor
+
+    def __init__(self, num_classes: int, num_groupings: int = 2, num_bits: int = 16, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 4 <= num_bits <= 24:
+            raise ValueError(f"num_bits must be in 4..24, got {num_bits}")
+        self.num_classes = int(num_classes)
+        self.num_groupings = int(num_groupings)
+        self.num_bits = int(num_bits)
+        self.num_bins = 1 << self.num_bits
+        rows = self.num_groupings * self.num_classes
+        self.add_state("counts", torch.zeros(rows, self.num_bins, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("key_min", torch.tensor(_EMPTY_KEY_MIN, dtype=torch.int64), dist_reduce_fx="min")
+        self.add_state("key_max", torch.tensor(_EMPTY_KEY_MAX, dtype=torch.int64), dist_reduce_fx="max")
+
+    def _widen(self, new_min: Tensor, new_max: Tensor) -> tuple[Tensor, Tensor]:
+        """Re-bin the counts to the range widened to ``[new_min, new_max]``; returns the new layout."""
+        old_shift, old_offset = device_layout(self.key_min, self.key_max, self.num_bits)
+        lo, hi = torch.minimum(self.key_min, new_min), torch.maximum(self.key_max, new_max)
+        shift, offset = device_layout(lo, hi, self.num_bits)
+        self.counts = device_rebin(self.counts, old_shift, old_offset, shift, offset)
+        self.key_min, self.key_max = lo, hi
+        return shift, offset
+
+    def update(self, scores: Tensor, classes: Tensor, include: Tensor) -> None:  # type: ignore[override]
+        """``scores`` float ``[...]``; ``classes`` long ``[G, ...]`` in ``0..K-1`` where ``include``."""
+        if classes.shape[0] != self.num_groupings or classes.shape[1:] != scores.shape:
+            raise ValueError(
+                f"classes must be [{self.num_groupings}, *scores.shape], got {tuple(classes.shape)} "
+                f"for scores {tuple(scores.shape)}"
+            )
+        keys = float_to_key(scores.detach()).long()
+        batch_min = torch.where(include, keys, _EMPTY_KEY_MIN).amin()
+        batch_max = torch.where(include, keys, _EMPTY_KEY_MAX).amax()
+        shift, offset = self._widen(batch_min, batch_max)
+        bins = (keys >> shift) - offset
+        rows = torch.arange(self.num_groupings, device=keys.device).view(-1, *([1] * keys.dim()))
+        index = (rows * self.num_classes + classes.long()) * self.num_bins + bins
+        accumulate_counts(self.counts.view(-1), index, include.expand_as(index))
+
+    def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
+        # merge_state(): both histograms must be in the union layout before they are summed.
+        incoming = dict(incoming_state)
+        lo = torch.minimum(self.key_min, incoming["key_min"])
+        hi = torch.maximum(self.key_max, incoming["key_max"])
+        shift, offset = device_layout(lo, hi, self.num_bits)
+        theirs = device_layout(incoming["key_min"], incoming["key_max"], self.num_bits)
+        incoming["counts"] = device_rebin(incoming["counts"], *theirs, shift, offset)
+        self._widen(lo, hi)
+        super()._reduce_states(incoming)
+
+    def _sync_dist(self, dist_sync_fn: Any = gather_all_tensors, process_group: Any | None = None) -> None:
+        # Ranks agree on the global key range and re-bin to it (exact) before the counts are
+        # summed; torchmetrics cached the local state before this call and restores it on unsync.
+        group = process_group or self.process_group
+        ranges = torch.stack(dist_sync_fn(torch.stack([self.key_min, self.key_max]), group=group))
+        self._widen(ranges[:, 0].min(), ranges[:, 1].max())
+        super()._sync_dist(dist_sync_fn, process_group=process_group)
+
+    def compute(self) -> dict[str, Any]:
+        """``counts`` ``[G, K, nbins]`` and the layout ``shift``/``offset`` (``None`` before any pixel)."""
+        key_min, key_max = int(self.key_min), int(self.key_max)
+        layout = bin_layout(key_min, key_max, self.num_bits) if key_min <= key_max else None
+        return {
+            "counts": self.counts.view(self.num_groupings, self.num_classes, self.num_bins),
+            # Plain ints: torchmetrics post-processes compute() results and rejects frozen dataclasses.
+            "shift": layout.shift if layout is not None else None,
+            "offset": layout.offset if layout is not None else None,
+        }
+
+    def layout(self, histogram: Mapping[str, Any]) -> BinLayout | None:
+        """The ``BinLayout`` of a ``compute()`` result."""
+        if histogram["shift"] is None:
+            return None
+        return BinLayout(shift=histogram["shift"], offset=histogram["offset"], num_bins=self.num_bins)
+
+    @staticmethod
+    def threshold_bin(threshold: float, layout: BinLayout) -> tuple[int, float]:
+        """Bin holding ``threshold`` and the threshold that flagging bins ``>= b`` amounts to.
+
+        Flagging bins ``>= b`` flags exactly the pixels with ``score >= edge``, where
+        ``edge <= threshold`` is the lower edge of bin ``b``; it equals ``threshold`` when the
+        threshold lies on a bin boundary. A threshold below the histogram's range flags every
+        pixel (``b = 0``, ``edge = threshold``); one above it flags none (``edge = inf``).
+        """
+        key = float_to_key(torch.tensor([threshold], dtype=torch.float32)).long()
+        index = int(bin_index(key, layout)[0])
+        if index <= 0:
+            return 0, float(threshold) if index < 0 else float(bin_lower_edge(torch.tensor([0]), layout)[0])
+        if index >= layout.num_bins:
+            return layout.num_bins, math.inf
+        return index, float(bin_lower_edge(torch.tensor([index]), layout)[0])
+
+
+class _SplitCounts(Metric):
+    """Exact int64 counts of images, valid (non-ignored) pixels and anomaly pixels seen."""
+
+    full_state_update = False
+    higher_is_better = None
+    is_differentiable = False
+
+    def __init__(self, ignore_index: int, anomaly_index: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ignore_index = ignore_index
+        self.anomaly_index = anomaly_index
+        self.add_state("counts", torch.zeros(3, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, mask: Tensor) -> None:  # type: ignore[override]
+        valid = (mask != self.ignore_index).sum()
+        anomaly = (mask == self.anomaly_index).sum()
+        self.counts += torch.stack([torch.full_like(valid, mask.shape[0]), valid, anomaly])
+
+    def compute(self) -> dict[str, int]:
+        images, valid, anomaly = self.counts.tolist()
+        return {"images": images, "valid_pixels": valid, "anomaly_pixels": anomaly}
+
+
+@dataclass
+class _StageState:
+    """The metrics of one stage's epoch (created at its first batch)."""
+
+    num_classes: int
+    score_names: tuple[str, ...]
+    segmentation: SegmentationMetrics
+    counts: _SplitCounts
+    anomaly: dict[str, AnomalyMetrics]
+    negatives: NegativeScoreHistogram | None = None
+
+    @property
+    def primary(self) -> str:
+        return self.score_names[0]
+
+
+# --------------------------------------------------------------------------------------- the callback
+class AnomalyEvaluation(L.Callback):
+    """Closed-set and anomaly metrics for validation and test; ``metrics.json`` after test.
+
+    Logged at the end of each epoch (``<p>`` is ``val`` or ``test``):
+
+    - ``<p>/miou``, ``<p>/pixel_accuracy`` (confusion matrix over the known classes; anomaly and
+      ignore pixels excluded);
+    - for every score ``s``: ``<p>/s/aupr``, ``auroc``, ``fpr95``, ``threshold95`` and the
+      per-image variants (mean over images that contain anomalies, the reference protocol);
+    - for the primary score, the same without the score name: ``<p>/aupr``, ...;
+    - ``<p>/anomaly_fraction``.
+
+    Anomaly metrics are skipped in validation when the split holds no anomaly pixel
+    (StreetHazards' validation split has none: the decision uses an exact, synchronised pixel
+    count, so nothing warns); on test they are always computed, and ``AnomalyMetrics`` warns
+    if they are undefined. Non-finite values are not logged; in ``metrics.json`` they are ``null``.
+
+    Per-class false positives: with ``per_class_false_positives``, the primary score of every
+    negative (known-class) pixel is also histogrammed per ground-truth class and per predicted
+    class (:class:`NegativeScoreHistogram`, ``false_positive_bits`` bits per class). At the end,
+    the false positives at the primary score's 95%-TPR threshold (the split's own threshold, the
+    operating point of FPR95) are split by class. The histogram is coarser than the metric's, so
+    the breakdown is exact at the lower edge of the bin holding ``threshold95``; that edge is
+    reported as ``threshold`` next to ``threshold95`` (equal when the threshold falls on a bin
+    boundary), together with the false-positive total at it.
+
+    Args:
+        output_dir: Where ``metrics.json`` goes; ``None`` means ``trainer.log_dir``.
+        per_class_false_positives: Record the per-class false-positive breakdown (above).
+        false_positive_bits: ``log2`` of the bins per class of that histogram; its state is
+            ``2 * K * 2**bits`` int64 (13.6 MB for K=13 at the default 16).
+        metrics_filename: Name of the results file inside ``output_dir``.
+        curve_points: Points kept of each PR/ROC curve in :attr:`curves`.
+
+    After an epoch, :attr:`results` holds the values per stage (``"validate"``, ``"test"``),
+    :attr:`curves` the PR/ROC curves and TensorBoard PR-curve counts per stage and score (global
+    across processes), and :attr:`test_metrics`/:attr:`val_metrics` the ``AnomalyMetrics`` objects
+    themselves (until the next epoch of that stage starts). Their ``curves()`` is a collective
+    under DDP; callbacks that run on rank 0 only should read :attr:`curves` instead.
+
+    Several dataloaders in one stage are pooled into one set of metrics. ``num_images`` counts
+    what the loaders delivered: a distributed sampler that pads shards by repeating samples
+    counts those twice (the StreetHazards datamodule uses one that does not).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        per_class_false_positives: bool = True,
+        false_positive_bits: int = 16,
+        metrics_filename: str = "metrics.json",
+        curve_points: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.output_dir = output_dir
+        self.per_class_false_positives = per_class_false_positives
+        self.false_positive_bits = int(false_positive_bits)
+        self.metrics_filename = metrics_filename
+        self.curve_points = int(curve_points)
+        self.results: dict[str, dict[str, Any]] = {}
+        self.curves: dict[str, dict[str, dict[str, Any]]] = {}
+        self.metrics_path: Path | None = None
+        self._states: dict[str, _StageState] = {}
+
+    # ------------------------------------------------------------------ accessors for other callbacks
+    @property
+    def test_metrics(self) -> dict[str, AnomalyMetrics]:
+        """The test ``AnomalyMetrics`` per score name (primary first); empty before a test batch."""
+        state = self._states.get("test")
+        return dict(state.anomaly) if state is not None else {}
+
+    @property
+    def val_metrics(self) -> dict[str, AnomalyMetrics]:
+        """The validation ``AnomalyMetrics`` per score name (primary first)."""
+        state = self._states.get("validate")
+        return dict(state.anomaly) if state is not None else {}
+
+    def threshold95(self, stage: str) -> float | None:
+        """The primary score's 95%-TPR threshold from ``stage``'s last epoch; ``None`` if not finite."""
+        value = self.results.get(stage, {}).get("threshold95")
+        return float(value) if value is not None and math.isfinite(value) else None
+
+    # ------------------------------------------------------------------ lightning hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            # The logged values are already reduced across processes (torchmetrics did it), so
+            # Lightning's advice to pass sync_dist=True does not apply to them; silence it for
+            # exactly these keys, leaving the warning intact for anything else logged.
+            keys = "|".join(("miou", "pixel_accuracy", "anomaly_fraction", *LOGGED_KEYS))
+            warnings.filterwarnings(
+                "ignore",
+                message=rf"It is recommended to use `self\.log\('(val|test)/([^/']+/)?({keys})'",
+                category=PossibleUserWarning,
+            )
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._states.pop("validate", None)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._states.pop("test", None)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._update("validate", pl_module, outputs, batch)
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._update("test", pl_module, outputs, batch)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._finish("validate", trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish("test", trainer, pl_module)
+
+    # ------------------------------------------------------------------ accumulation
+    def _create(self, pl_module: L.LightningModule, num_classes: int, names: tuple[str, ...]) -> _StageState:
+        if not names:
+            raise ValueError("AnomalyEvaluation: the method returned no anomaly scores")
+        ignore_index = int(getattr(pl_module, "ignore_index", IGNORE_INDEX))
+        anomaly_index = int(getattr(pl_module, "anomaly_index", ANOMALY_INDEX))
+        device = pl_module.device
+        return _StageState(
+            num_classes=num_classes,
+            score_names=names,
+            segmentation=SegmentationMetrics(num_classes, ignore_index=ignore_index, anomaly_index=anomaly_index).to(
+                device
+            ),
+            counts=_SplitCounts(ignore_index, anomaly_index).to(device),
+            anomaly={
+                name: AnomalyMetrics(anomaly_index=anomaly_index, ignore_index=ignore_index).to(device)
+                for name in names
+            },
+            negatives=(
+                NegativeScoreHistogram(num_classes, num_groupings=2, num_bits=self.false_positive_bits).to(device)
+                if self.per_class_false_positives
+                else None
+            ),
+        )
+
+    def _update(self, stage: str, pl_module: L.LightningModule, outputs: Any, batch: Any) -> None:
+        logits, scores = _unpack_outputs(outputs)
+        if not isinstance(batch, Mapping) or "mask" not in batch:
+            raise ValueError("AnomalyEvaluation needs dict batches with a 'mask' [B, H, W] entry")
+        mask: Tensor = batch["mask"]
+        names = tuple(scores)
+        state = self._states.get(stage)
+        if state is None:
+            state = self._states[stage] = self._create(pl_module, int(logits.shape[1]), names)
+        elif names != state.score_names:
+            raise ValueError(f"the method's score names changed within an epoch: {state.score_names} then {names}")
+
+        size = mask.shape[-2:]
+        preds = resize_to(logits, size).argmax(dim=1)
+        state.segmentation.update(preds, mask)
+        state.counts.update(mask)
+        resized = {name: resize_to(score, size).float() for name, score in scores.items()}
+        for name, score in resized.items():
+            state.anomaly[name].update(score, mask)
+        if state.negatives is not None:
+            anomaly_index = state.counts.anomaly_index
+            known = (mask >= 0) & (mask < state.num_classes) & (mask != anomaly_index)
+            state.negatives.update(resized[state.primary], torch.stack([mask, preds]), known)
+
+    # ------------------------------------------------------------------ epoch end
+    def _finish(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # trainer.log_dir is a collective under DDP: every rank asks, before any early return.
+        output_dir = Path(self.output_dir or trainer.log_dir or ".") if stage == "test" else None
+        state = self._states.get(stage)
+        if state is None:
+            return
+        prefix = _STAGE_PREFIX[stage]
+
+        def log(name: str, value: float | None, prog_bar: bool = False) -> None:
+            if value is not None and math.isfinite(value):
+                pl_module.log(name, float(value), on_step=False, on_epoch=True, sync_dist=False, prog_bar=prog_bar)
+
+        # Every compute()/curves() below reduces across processes: all ranks run them in this order.
+        segmentation = state.segmentation.compute()
+        counts = state.counts.compute()
+        log(f"{prefix}/miou", segmentation["miou"], prog_bar=True)
+        log(f"{prefix}/pixel_accuracy", segmentation["pixel_accuracy"])
+
+        anomaly: dict[str, dict[str, float]] = {}
+        curves: dict[str, dict[str, Any]] = {}
+        if counts["anomaly_pixels"] > 0 or stage == "test":
+            for name, metric in state.anomaly.items():
+                anomaly[name] = metric.compute()
+                if 0 < counts["anomaly_pixels"] < counts["valid_pixels"]:
+                    curves[name] = {
+                        **metric.curves(self.curve_points),
+                        "pr_curve_raw": metric.pr_curve_counts(),
+                    }
+                for key in LOGGED_KEYS:
+                    log(f"{prefix}/{name}/{key}", anomaly[name].get(key))
+            for key in PRIMARY_KEYS:
+                log(f"{prefix}/{key}", anomaly[state.primary].get(key), prog_bar=key == "aupr")
+        elif stage == "validate":
+            rank_zero_info("AnomalyEvaluation: the validation split has no anomaly pixels; anomaly metrics skipped")
+        anomaly_fraction = counts["anomaly_pixels"] / counts["valid_pixels"] if counts["valid_pixels"] else math.nan
+        log(f"{prefix}/anomaly_fraction", anomaly_fraction)
+
+        class_names = _class_names(trainer, pl_module, state.num_classes)
+        threshold = anomaly.get(state.primary, {}).get("threshold95", math.nan)
+        breakdown = None
+        if state.negatives is not None:
+            histogram = state.negatives.compute()
+            layout = state.negatives.layout(histogram)
+            if math.isfinite(threshold) and layout is not None:
+                breakdown = {
+                    "score": state.primary,
+                    **false_positive_report(histogram["counts"], layout, threshold, class_names),
+                }
+
+        self.results[stage] = {
+            "method": str(getattr(pl_module, "method_name", type(pl_module).__name__)),
+            "primary_score": state.primary,
+            "split": prefix,
+            "num_images": counts["images"],
+            "num_classes": state.num_classes,
+            "class_names": class_names,
+            "segmentation": {
+                "miou": segmentation["miou"],
+                "pixel_accuracy": segmentation["pixel_accuracy"],
+                "iou": dict(zip(class_names, segmentation["iou"], strict=True)),
+                "confusion_matrix": segmentation.get("confusion_matrix"),
+            },
+            "num_valid_pixels": counts["valid_pixels"],
+            "num_anomaly_pixels": counts["anomaly_pixels"],
+            "anomaly_fraction": anomaly_fraction,
+            "threshold95": threshold,
+            "scores": anomaly,
+            "false_positives_at_threshold95": breakdown,
+        }
+        self.curves[stage] = curves
+        if stage == "test" and output_dir is not None:
+            self._write_metrics(trainer, output_dir, self.results[stage])
+
+    def _write_metrics(self, trainer: L.Trainer, output_dir: Path, results: dict[str, Any]) -> None:
+        path = output_dir / self.metrics_filename
+        self.metrics_path = path
+        if not trainer.is_global_zero:
+            return
+        primary = results["scores"].get(results["primary_score"], {})
+        document = {
+            "method": results["method"],
+            "primary_score": results["primary_score"],
+            "split": results["split"],
+            "num_images": results["num_images"],
+            "num_classes": results["num_classes"],
+            "class_names": results["class_names"],
+            "checkpoint": trainer.ckpt_path,
+            # Headline numbers: the primary score under both protocols, and closed-set mIoU.
+            **{key: primary.get(key, math.nan) for key in PRIMARY_KEYS},
+            "miou": results["segmentation"]["miou"],
+            "segmentation": results["segmentation"],
+            "anomaly_fraction": results["anomaly_fraction"],
+            "num_valid_pixels": results["num_valid_pixels"],
+            "num_anomaly_pixels": results["num_anomaly_pixels"],
+            "scores": results["scores"],
+            "false_positives_at_threshold95": results["false_positives_at_threshold95"],
+            "protocols": {
+                "pooled": "aupr, auroc, fpr95: all valid pixels of the split pooled",
+                "per_image": "*_per_image: mean over images with anomaly pixels (StreetHazards reference code)",
+                "null": "undefined values (e.g. no anomaly pixels) are written as null",
+            },
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_json(path, document)
+        rank_zero_info(f"AnomalyEvaluation: wrote {path}")
+
+
+def false_positive_report(
+    counts: Tensor, layout: BinLayout, threshold: float, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """Per-class split of the false positives at ``threshold`` from a :class:`NegativeScoreHistogram`.
+
+    ``counts`` ``[2, K, nbins]`` (groupings: ground-truth class, predicted class) in ``layout``.
+    Pixels count as flagged when ``score >= threshold_used``, the lower edge of the histogram bin
+    holding ``threshold`` (see :meth:`NegativeScoreHistogram.threshold_bin`).
+    """
+    index, edge = NegativeScoreHistogram.threshold_bin(threshold, layout)
+    report: dict[str, Any] = {"threshold95": float(threshold), "threshold": edge}
+    for grouping, key in enumerate(("by_ground_truth_class", "by_predicted_class")):
+        parts = false_positive_breakdown(counts[grouping], index)
+        report["false_positives"] = float(parts["false_positives"].sum())
+        report[key] = {
+            name: {
+                "fraction": float(parts["fraction"][k]),
+                "false_positives": int(parts["false_positives"][k]),
+                "negatives": int(parts["negatives"][k]),
+                "false_positive_rate": float(parts["false_positive_rate"][k]),
+            }
+            for k, name in enumerate(class_names)
+        }
+    return report
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _unpack_outputs(outputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    if not isinstance(outputs, Mapping) or "logits" not in outputs or "scores" not in outputs:
+        raise ValueError(
+            "AnomalyEvaluation expects validation_step/test_step to return "
+            "{'logits': [B, K, h, w], 'scores': {name: [B, h, w]}}, got "
+            f"{type(outputs).__name__}{' with keys ' + str(list(outputs)) if isinstance(outputs, Mapping) else ''}"
+        )
+    logits, scores = outputs["logits"], outputs["scores"]
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be [B, K, h, w], got shape {tuple(logits.shape)}")
+    if not isinstance(scores, Mapping):
+        raise ValueError(f"scores must be a dict of name -> [B, h, w] tensors, got {type(scores).__name__}")
+    return logits, dict(scores)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, Tensor):
+        return float(value.item())
+    if isinstance(value, (int, float, np.generic)):
+        return float(value)
+    return value
+
+
+def _class_names(trainer: L.Trainer, pl_module: L.LightningModule, num_classes: int) -> list[str]:
+    """The datamodule's (or module's) class names when they fit the class count, else CLASS_NAMES[:K]."""
+    for owner in (getattr(trainer, "datamodule", None), pl_module):
+        names = getattr(owner, "class_names", None)
+        if names is not None and len(names) == num_classes:
+            return [str(name) for name in names]
+    if num_classes <= len(CLASS_NAMES):
+        return list(CLASS_NAMES[:num_classes])
+    return [f"class_{k}" for k in range(num_classes)]
