@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import lightning_modules  # noqa: F401  (registers the methods for --model)
+from callbacks.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
 from callbacks.evaluation import AnomalyEvaluation
 from callbacks.visualization import AnomalyHeatmapLogger
 from datamodules.streethazards import StreetHazardsDataModule
 from lightning_modules.base import AnomalySegmentationModule
 
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already says what is wrong and where: printed as one line, exit code 2."""
+    from callbacks.checkpointing import CheckpointError
     from datamodules.streethazards import StreetHazardsDataError
-    from lightning_modules.segmenter import CheckpointError, PretrainedWeightsError
+    from lightning_modules.segmenter import PretrainedWeightsError
 
     errors: list[type[BaseException]] = [StreetHazardsDataError, CheckpointError, PretrainedWeightsError]
     try:
@@ -51,6 +55,27 @@ class AnomalyCLI(LightningCLI):
         )
         parser.add_lightning_class_args(AnomalyEvaluation, "evaluation")
         parser.add_lightning_class_args(AnomalyHeatmapLogger, "heatmaps")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # Every checkpoint is written atomically and loaded with weights_only=True.
+        self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def _checkpoint_dir(self) -> Path | None:
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and callback.dirpath:
+            return Path(callback.dirpath)
+        logger = self.trainer.logger
+        if logger is not None and logger.log_dir is not None:
+            return Path(logger.log_dir) / "checkpoints"
+        return Path(self.trainer.default_root_dir) / "checkpoints"
+
+    def _resolve_ckpt_path(self) -> None:
+        config = self.config_init[self.subcommand]
+        if "ckpt_path" in config:
+            config["ckpt_path"] = resolve_ckpt_path(config["ckpt_path"], self._checkpoint_dir())
+
+    before_fit = before_validate = before_test = before_predict = _resolve_ckpt_path
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> AnomalyCLI:

@@ -12,13 +12,14 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from callbacks.checkpointing import CheckpointError, load_checkpoint_file
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
 from lightning_modules.base import AnomalySegmentationModule, MethodOutput
 from lightning_modules.baselines import baseline_scores
@@ -31,10 +32,6 @@ SIZE_DIVISOR = 16
 
 class PretrainedWeightsError(RuntimeError):
     """Pretrained encoder weights could not be loaded; the message says how to proceed."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is unreadable or belongs to an incompatible method."""
 
 
 def _load_local_encoder_weights(encoder: nn.Module, path: Path) -> None:
@@ -125,23 +122,6 @@ class DeepLabV3Plus(nn.Module):
 
     def forward(self, image: Tensor) -> Tensor:
         return self.forward_features(image)[1]
-
-
-def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a Lightning checkpoint safely (``weights_only=True``); clear errors for bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(
-            f"checkpoint '{path}' cannot be loaded safely ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200]}); it may be truncated, corrupt, or contain code"
-        ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"checkpoint '{path}' is not a Lightning checkpoint (no 'state_dict')")
-    return checkpoint
 
 
 class DeepLabV3PlusSegmenter(AnomalySegmentationModule):
