@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import lightning_modules  # noqa: F401  (registers the methods for --model)
 from callbacks.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
 from callbacks.evaluation import AnomalyEvaluation
+from callbacks.prediction_writer import AnomalyPredictionWriter
 from callbacks.visualization import AnomalyHeatmapLogger
 from datamodules.streethazards import StreetHazardsDataModule
 from lightning_modules.base import AnomalySegmentationModule
@@ -29,12 +30,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lightning_modules.segmenter import PretrainedWeightsError
 
     errors: list[type[BaseException]] = [StreetHazardsDataError, CheckpointError, PretrainedWeightsError]
-    try:
-        from datamodules.injection import OutlierSourceError
+    from datamodules.download import DownloadError
+    from datamodules.injection import OutlierSourceError
 
-        errors.append(OutlierSourceError)
-    except ImportError:
-        pass
+    errors += [DownloadError, OutlierSourceError]
     return tuple(errors)
 
 
@@ -55,6 +54,13 @@ class AnomalyCLI(LightningCLI):
         )
         parser.add_lightning_class_args(AnomalyEvaluation, "evaluation")
         parser.add_lightning_class_args(AnomalyHeatmapLogger, "heatmaps")
+        parser.add_lightning_class_args(AnomalyPredictionWriter, "predictions")
+        # The prediction writer saves every output; keeping them all in memory too would take
+        # tens of GB on the full test set.
+        try:
+            parser.set_defaults({"return_predictions": False})
+        except KeyError:
+            pass  # not the predict subcommand
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()

@@ -195,11 +195,9 @@ def _open_png(path: Path) -> Image.Image:
 def load_image(path: Path) -> np.ndarray:
     """RGB uint8 [H, W, 3]; the released PNGs are RGBA and the alpha channel is dropped."""
     image = _open_png(path)
-    if image.mode in ("RGBA", "RGB"):
-        array = np.asarray(image)[..., :3]
-    else:
-        array = np.asarray(image.convert("RGB"))
-    return np.ascontiguousarray(array)
+    if image.mode not in ("RGBA", "RGB"):
+        image = image.convert("RGB")
+    return np.array(image)[..., :3].copy()  # writable and contiguous, for torch.from_numpy
 
 
 def load_raw_annotation(path: Path) -> np.ndarray:

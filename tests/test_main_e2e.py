@@ -1,0 +1,117 @@
+"""End to end through main.py: fit, resume, test, compare, and the CLI's handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import main
+from datamodules.synthetic import write_synthetic_streethazards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "streethazards"
+    write_synthetic_streethazards(root, 12, 4, 6, image_size=(64, 96), seed=3)
+    return root
+
+
+def tiny_args(root: Path, out: Path, config: str = "configs/demo/sml.yaml", name: str = "run") -> list[str]:
+    logger = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(out), "name": name, "version": "run"},
+    }
+    return [
+        f"--config={REPO / config}",
+        f"--data.root={root}",
+        "--data.image_size=[64, 96]",
+        "--data.batch_size=4",
+        "--data.num_workers=0",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger={json.dumps(logger)}",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+
+
+def last_checkpoint(out: Path, name: str = "run") -> dict:
+    return torch.load(out / name / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def test_fit_interrupted_after_one_epoch_resumes_to_same_step_count(tiny_root: Path, tmp_path: Path) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main.main(["fit", *tiny_args(tiny_root, straight), "--trainer.max_epochs=2"]) == 0
+    # the interrupted run: stops after one epoch, then `--ckpt_path last` continues it
+    assert main.main(["fit", *tiny_args(tiny_root, resumed), "--trainer.max_epochs=1"]) == 0
+    assert last_checkpoint(resumed)["global_step"] == 2
+    assert main.main(["fit", *tiny_args(tiny_root, resumed), "--trainer.max_epochs=2", "--ckpt_path=last"]) == 0
+    assert last_checkpoint(resumed)["global_step"] == last_checkpoint(straight)["global_step"] == 4
+    assert last_checkpoint(resumed)["epoch"] == last_checkpoint(straight)["epoch"]
+    # the re-saved last.ckpt carries the fitted SML statistics
+    state = last_checkpoint(resumed)["state_dict"]
+    assert bool(state["posthoc_fitted"]) and state["max_logit_counts"].sum() > 0
+
+    assert main.main(["test", *tiny_args(tiny_root, resumed), "--ckpt_path=last"]) == 0
+    metrics = json.loads((resumed / "run" / "run" / "metrics.json").read_text())
+    assert metrics["method"] == "sml" and metrics["split"] == "test" and metrics["num_images"] == 6
+    assert set(metrics["scores"]) == {"sml", "msp", "maxlogit", "entropy"}
+    assert metrics["checkpoint"].endswith("last.ckpt")
+
+
+def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) -> None:
+    from callbacks.comparison import compare
+
+    overrides = [
+        f"--data.root={tiny_root}",
+        "--data.image_size=[64, 96]",
+        "--data.batch_size=4",
+        "--data.num_workers=0",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    out = tmp_path / "compare"
+    methods = {m: str(REPO / f"configs/demo/{m}.yaml") for m in ("sml", "fre", "dual_decoder")}
+    records = compare(str(out), methods, {"fre": "sml"}, overrides, num_examples=1)
+    for name in ("comparison.json", "comparison.md", "comparison.png"):
+        assert (out / name).is_file(), name
+    document = json.loads((out / "comparison.json").read_text())
+    methods_seen = [r["method"] for r in document["records"]]
+    assert methods_seen[:3] == ["sml", "fre", "dual_decoder"]
+    assert {"msp@sml", "maxlogit@sml", "entropy@sml", "sml@dual_decoder"} <= set(methods_seen)
+    for record in document["records"]:
+        for key in ("aupr", "auroc", "fpr95", "miou", "aupr_per_image", "train_time_s", "test_time_s", "checkpoint"):
+            assert key in record, key
+    fre = next(r for r in document["records"] if r["method"] == "fre")
+    assert fre["train_time_s"] == 0 and fre["checkpoint"].endswith("sml/run/checkpoints/last.ckpt")
+    assert "| sml |" in (out / "comparison.md").read_text()
+    assert Image.open(out / "comparison.png").size[0] > 500
+    assert len(records) == len(document["records"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["fit", "--data.root=/nonexistent/streethazards"], "/nonexistent/streethazards' does not exist"),
+        (["test", "--ckpt_path=/nonexistent/model.ckpt"], "checkpoint '/nonexistent/model.ckpt' does not exist"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(argv: list[str], expected: str, tmp_path: Path) -> None:
+    args = [argv[0], f"--config={REPO / 'configs/demo/sml.yaml'}", f"--trainer.default_root_dir={tmp_path}", *argv[1:]]
+    proc = subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and expected in last_line
+    assert "Traceback" not in proc.stderr
