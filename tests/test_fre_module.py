@@ -1,0 +1,81 @@
+"""FRESegmenter: fitting from a segmenter's features, scoring, and checkpoint round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lightning_modules.fre import FRESegmenter, resize_labels
+
+K = 4
+
+
+def tiny(**kwargs) -> FRESegmenter:
+    torch.manual_seed(0)
+    kwargs.setdefault("min_pixels", 10)
+    kwargs.setdefault("n_components", 8)
+    return FRESegmenter(num_classes=K, encoder_name="resnet18", encoder_weights=None, **kwargs)
+
+
+def batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [
+        {"image": torch.randn(2, 3, 64, 64, generator=gen), "mask": torch.randint(0, K, (2, 64, 64), generator=gen)}
+        for _ in range(n)
+    ]
+
+
+def test_fitted_subspaces_match_numpy_pca_of_the_decoder_features() -> None:
+    model = tiny(standardize=False, max_pixels_per_class=10**9)
+    data = batches()
+    model.fit_posthoc(data)
+    model.eval()
+    with torch.no_grad():
+        feats = [model.forward_features(b["image"])[0] for b in data]
+    labels = [resize_labels(b["mask"], tuple(f.shape[-2:])) for b, f in zip(data, feats, strict=True)]
+    x = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats]).double().numpy()
+    y = torch.cat([lab.reshape(-1) for lab in labels]).numpy()
+    for k in range(K):
+        xk = x[y == k]
+        mean = xk.mean(0)
+        cov = (xk - mean).T @ (xk - mean) / len(xk)
+        _, vecs = np.linalg.eigh(cov)
+        top = vecs[:, ::-1][:, :8]
+        np.testing.assert_allclose(model.subspace_means[k].numpy(), mean, rtol=1e-6, atol=1e-8)
+        basis = model.subspace_bases[k, :, : int(model.subspace_ranks[k])].numpy()
+        np.testing.assert_allclose(basis @ basis.T, top @ top.T, atol=1e-6)
+
+
+def test_checkpoint_round_trip_restores_subspaces_and_scores(tmp_path: Path) -> None:
+    model = tiny()
+    model.fit_posthoc(batches())
+    model.eval()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "fre.ckpt")
+    restored = FRESegmenter.load_from_checkpoint(tmp_path / "fre.ckpt", weights_only=True).eval()
+    for name in ("subspace_means", "subspace_bases", "subspace_ranks", "error_mean", "error_std", "posthoc_fitted"):
+        torch.testing.assert_close(getattr(restored, name), getattr(model, name), msg=name)
+    image = batches(1)[0]["image"]
+    with torch.no_grad():
+        torch.testing.assert_close(restored.segment(image).scores["fre"], model.segment(image).scores["fre"])
+
+
+@pytest.mark.parametrize("mode", ["predicted", "min", "global"])
+def test_every_mode_scores_at_input_resolution(mode: str) -> None:
+    model = tiny(mode=mode)
+    model.fit_posthoc(batches(2))
+    model.eval()
+    with torch.no_grad():
+        out = model.segment(torch.randn(1, 3, 40, 72))
+    assert out.scores["fre"].shape == (1, 40, 72) and torch.isfinite(out.scores["fre"]).all()
+    assert list(out.scores) == ["fre", "msp", "maxlogit", "entropy"]
+
+
+def test_bad_mode_is_rejected() -> None:
+    with pytest.raises(ValueError, match="model.mode"):
+        tiny(mode="nearest")
