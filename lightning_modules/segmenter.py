@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from callbacks.checkpointing import CheckpointError, load_checkpoint_file
-from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
 from lightning_modules.base import AnomalySegmentationModule, MethodOutput
 from lightning_modules.baselines import baseline_scores
 
@@ -141,32 +140,15 @@ class DeepLabV3PlusSegmenter(AnomalySegmentationModule):
 
     def __init__(
         self,
-        num_classes: int = NUM_CLASSES,
         encoder_name: str = "resnet50",
         encoder_weights: str | None = "imagenet",
         output_stride: int = 16,
-        class_weighting: Literal["none", "enet", "inverse_sqrt"] = "none",
-        optimizer: Literal["adamw", "sgd"] = "adamw",
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        scheduler: Literal["poly", "cosine", "none"] = "poly",
-        poly_power: float = 0.9,
         init_checkpoint: str | None = None,
         channels_last: bool = False,
-        ignore_index: int = IGNORE_INDEX,
-        anomaly_index: int = ANOMALY_INDEX,
+        **base_kwargs: Any,
     ) -> None:
-        super().__init__(num_classes=num_classes, ignore_index=ignore_index, anomaly_index=anomaly_index)
-        self.save_hyperparameters()
-        if optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"model.optimizer must be 'adamw' or 'sgd', got '{optimizer}'")
-        if scheduler not in ("poly", "cosine", "none"):
-            raise ValueError(f"model.scheduler must be 'poly', 'cosine' or 'none', got '{scheduler}'")
-        if class_weighting not in ("none", "enet", "inverse_sqrt"):
-            raise ValueError(f"model.class_weighting must be 'none', 'enet' or 'inverse_sqrt', got '{class_weighting}'")
-        self.net = DeepLabV3Plus(num_classes, encoder_name, encoder_weights, output_stride)
-        self.register_buffer("class_weights", torch.ones(num_classes))
+        super().__init__(**base_kwargs)
+        self.net = DeepLabV3Plus(self.num_classes, encoder_name, encoder_weights, output_stride)
         if init_checkpoint is not None:
             self.load_network_weights(init_checkpoint)
         if channels_last:
