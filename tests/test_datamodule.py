@@ -84,9 +84,7 @@ def test_resize_on_load(release_root: Path) -> None:
 
 def test_scan_fallback_when_index_missing(release_root: Path) -> None:
     (release_root / "test" / "test.odgt").unlink()
-    write_release_sample(
-        release_root, "test", "100", np.zeros((24, 40, 3), np.uint8), expected_raw(0, 14), town="t6"
-    )
+    write_release_sample(release_root, "test", "100", np.zeros((24, 40, 3), np.uint8), expected_raw(0, 14), town="t6")
     samples = list_split(release_root, "test")
     assert len(samples) == 4
     assert {s.image.parent.name for s in samples} == {"t5", "t6"}
@@ -244,3 +242,18 @@ def test_bad_options(release_root: Path) -> None:
     dm = make_dm(release_root)
     with pytest.raises(StreetHazardsDataError, match="predict_dir"):
         dm.setup("predict")
+
+
+def test_class_pixel_counts_are_exact_and_cached(
+    release_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    dm = make_dm(release_root)
+    counts = dm.class_pixel_counts()
+    expected = sum(np.bincount((expected_raw(k, 13) - 1).ravel(), minlength=13) for k in range(4))
+    assert counts == expected.tolist()
+    assert len(list((tmp_path / "cache").rglob("class_counts-*.json"))) == 1
+    # the second call reads the cache: it no longer needs the annotations
+    for sample in list_split(release_root, "train"):
+        sample.annotation.write_bytes(b"")
+    assert dm.class_pixel_counts() == counts
