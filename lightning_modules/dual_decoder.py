@@ -50,7 +50,7 @@ from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
 from lightning_modules.base import AnomalySegmentationModule, MethodOutput
 from lightning_modules.baselines import baseline_scores
 from lightning_modules.segmenter import build_encoder
-from lightning_modules.sml import sml_accumulate, sml_anomaly_score, sml_statistics
+from lightning_modules.sml import SMLStatistics
 
 __all__ = [
     "DualDecoderNet",
@@ -557,11 +557,7 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
         self.register_buffer("class_valid", torch.zeros(k, dtype=torch.bool))
         self.register_buffer("prototypes", torch.zeros(k, d, dtype=f64))
         # post-hoc SML statistics of the semantic logits
-        self.register_buffer("max_logit_sums", torch.zeros(k, dtype=f64))
-        self.register_buffer("max_logit_sq_sums", torch.zeros(k, dtype=f64))
-        self.register_buffer("max_logit_counts", torch.zeros(k, dtype=f64))
-        self.register_buffer("sml_means", torch.zeros(k, dtype=f64))
-        self.register_buffer("sml_stds", torch.ones(k, dtype=f64))
+        self.sml = SMLStatistics(k)
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         if self.hparams.channels_last:
@@ -654,19 +650,16 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
         return bool(self.hparams.sml_on_semantic)
 
     def reset_posthoc(self) -> None:
-        for buffer in self.posthoc_accumulators():
-            buffer.zero_()
+        self.sml.reset()
 
     def update_posthoc(self, batch: Mapping[str, Tensor]) -> None:
-        sml_accumulate(self(batch["image"])[0], self.max_logit_sums, self.max_logit_sq_sums, self.max_logit_counts)
+        self.sml.update(self(batch["image"])[0])
 
     def posthoc_accumulators(self) -> list[Tensor]:
-        return [self.max_logit_sums, self.max_logit_sq_sums, self.max_logit_counts]
+        return self.sml.accumulators()
 
     def finalize_posthoc(self) -> None:
-        means, stds = sml_statistics(self.max_logit_sums, self.max_logit_sq_sums, self.max_logit_counts)
-        self.sml_means.copy_(means)
-        self.sml_stds.copy_(stds)
+        self.sml.finalize()
 
     # ----------------------------------------------------------------- scoring
     def segment(self, image: Tensor) -> MethodOutput:
@@ -677,6 +670,6 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
             )
         }
         if self.hparams.sml_on_semantic:
-            scores["sml"] = sml_anomaly_score(logits, self.sml_means.float(), self.sml_stds.float())
+            scores["sml"] = self.sml.score(logits)
         scores.update(baseline_scores(logits))
         return MethodOutput(logits, scores)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_modules.base import MethodOutput
 
@@ -423,6 +423,43 @@ def sml_anomaly_score(
 # ---------------------------------------------------------------------------------------------
 
 
+class SMLStatistics(nn.Module):
+    """SML's post-hoc statistics as checkpointed buffers, for any method that has logits.
+
+    ``update`` accumulates float64 sums of the max logit per predicted class (like the official
+    statistics script, every pixel counts and labels are not used); a method sums
+    ``accumulators()`` across processes, then ``finalize`` turns them into ``means``/``stds``.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        f64 = torch.float64
+        self.register_buffer("sums", torch.zeros(num_classes, dtype=f64))
+        self.register_buffer("sq_sums", torch.zeros(num_classes, dtype=f64))
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=f64))
+        self.register_buffer("means", torch.zeros(num_classes, dtype=f64))
+        self.register_buffer("stds", torch.ones(num_classes, dtype=f64))
+
+    def reset(self) -> None:
+        for buffer in self.accumulators():
+            buffer.zero_()
+
+    def update(self, logits: Tensor) -> None:
+        sml_accumulate(logits, self.sums, self.sq_sums, self.counts)
+
+    def accumulators(self) -> list[Tensor]:
+        return [self.sums, self.sq_sums, self.counts]
+
+    def finalize(self) -> None:
+        means, stds = sml_statistics(self.sums, self.sq_sums, self.counts)
+        self.means.copy_(means)
+        self.stds.copy_(stds)
+
+    def score(self, logits: Tensor, **postprocessing: Any) -> Tensor:
+        """``sml_anomaly_score`` with these statistics; ``postprocessing`` as its keyword arguments."""
+        return sml_anomaly_score(logits, self.means.float(), self.stds.float(), **postprocessing)
+
+
 class SMLSegmenter(DeepLabV3PlusSegmenter):
     """DeepLabV3+ trained with cross-entropy, scored by Standardized Max Logits.
 
@@ -452,40 +489,28 @@ class SMLSegmenter(DeepLabV3PlusSegmenter):
         **segmenter_kwargs: Any,
     ) -> None:
         super().__init__(**segmenter_kwargs)
-        k = self.num_classes
-        self.register_buffer("max_logit_sums", torch.zeros(k, dtype=torch.float64))
-        self.register_buffer("max_logit_sq_sums", torch.zeros(k, dtype=torch.float64))
-        self.register_buffer("max_logit_counts", torch.zeros(k, dtype=torch.float64))
-        self.register_buffer("class_means", torch.zeros(k, dtype=torch.float64))
-        self.register_buffer("class_stds", torch.ones(k, dtype=torch.float64))
+        self.sml = SMLStatistics(self.num_classes)
 
     @property
     def needs_posthoc(self) -> bool:
         return True
 
     def reset_posthoc(self) -> None:
-        for buffer in self.posthoc_accumulators():
-            buffer.zero_()
+        self.sml.reset()
 
     def update_posthoc(self, batch: Mapping[str, Tensor]) -> None:
-        # Like the official statistics script, every pixel of a training image counts, grouped
-        # by the class the network predicts there (labels are not used).
-        sml_accumulate(self(batch["image"]), self.max_logit_sums, self.max_logit_sq_sums, self.max_logit_counts)
+        self.sml.update(self(batch["image"]))
 
     def posthoc_accumulators(self) -> list[Tensor]:
-        return [self.max_logit_sums, self.max_logit_sq_sums, self.max_logit_counts]
+        return self.sml.accumulators()
 
     def finalize_posthoc(self) -> None:
-        means, stds = sml_statistics(self.max_logit_sums, self.max_logit_sq_sums, self.max_logit_counts)
-        self.class_means.copy_(means)
-        self.class_stds.copy_(stds)
+        self.sml.finalize()
 
     def sml_score(self, logits: Tensor) -> Tensor:
         hp = self.hparams
-        return sml_anomaly_score(
+        return self.sml.score(
             logits,
-            self.class_means.float(),
-            self.class_stds.float(),
             boundary_width=hp.boundary_width,
             boundary_iterations=hp.boundary_iterations,
             kernel_size=hp.kernel_size,

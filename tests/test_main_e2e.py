@@ -59,7 +59,7 @@ def test_fit_interrupted_after_one_epoch_resumes_to_same_step_count(tiny_root: P
     assert last_checkpoint(resumed)["epoch"] == last_checkpoint(straight)["epoch"]
     # the re-saved last.ckpt carries the fitted SML statistics
     state = last_checkpoint(resumed)["state_dict"]
-    assert bool(state["posthoc_fitted"]) and state["max_logit_counts"].sum() > 0
+    assert bool(state["posthoc_fitted"]) and state["sml.counts"].sum() > 0
 
     assert main.main(["test", *tiny_args(tiny_root, resumed), "--ckpt_path=last"]) == 0
     metrics = json.loads((resumed / "run" / "run" / "metrics.json").read_text())

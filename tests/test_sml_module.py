@@ -59,17 +59,17 @@ def test_statistics_equal_direct_float64_computation() -> None:
     data = batches(3)
     model.fit_posthoc(data)
     means, stds = direct_statistics(model, data)
-    predicted = model.max_logit_counts.numpy() > 1
+    predicted = model.sml.counts.numpy() > 1
     assert predicted.sum() >= 2, "random network predicts too few classes to test anything"
-    np.testing.assert_allclose(model.class_means.numpy()[predicted], means[predicted], rtol=1e-6)
-    np.testing.assert_allclose(model.class_stds.numpy()[predicted], stds[predicted], rtol=1e-6)
-    assert model.max_logit_counts.sum() == 3 * 2 * 32 * 48
+    np.testing.assert_allclose(model.sml.means.numpy()[predicted], means[predicted], rtol=1e-6)
+    np.testing.assert_allclose(model.sml.stds.numpy()[predicted], stds[predicted], rtol=1e-6)
+    assert model.sml.counts.sum() == 3 * 2 * 32 * 48
     assert bool(model.posthoc_fitted)
     # a pass in one batch gives the same float64 sums as three batches
     single = tiny_sml()
     single.fit_posthoc([{"image": torch.cat([b["image"] for b in data])}])
-    torch.testing.assert_close(single.max_logit_sums, model.max_logit_sums, rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(single.class_stds, model.class_stds, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(single.sml.sums, model.sml.sums, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(single.sml.stds, model.sml.stds, rtol=1e-9, atol=1e-12)
 
 
 def test_sml_score_uses_fitted_statistics() -> None:
@@ -82,7 +82,7 @@ def test_sml_score_uses_fitted_statistics() -> None:
     with torch.no_grad():
         out = model.segment(image)
         expected = sml_anomaly_score(
-            model(image), model.class_means.float(), model.class_stds.float(), boundary_width=2, boundary_iterations=2
+            model(image), model.sml.means.float(), model.sml.stds.float(), boundary_width=2, boundary_iterations=2
         )
     assert list(out.scores) == ["sml", "msp", "maxlogit", "entropy"]
     torch.testing.assert_close(out.scores["sml"], expected)
@@ -96,8 +96,8 @@ def test_checkpoint_round_trip_restores_statistics(tmp_path: Path) -> None:
     path = tmp_path / "sml.ckpt"
     trainer.save_checkpoint(path)
     restored = SMLSegmenter.load_from_checkpoint(path, weights_only=True)
-    for name in ("class_means", "class_stds", "max_logit_counts", "posthoc_fitted"):
-        torch.testing.assert_close(getattr(restored, name), getattr(model, name))
+    for name in ("sml.means", "sml.stds", "sml.counts", "posthoc_fitted"):
+        torch.testing.assert_close(restored.get_buffer(name), model.get_buffer(name))
     assert restored.hparams.boundary_width == 2
 
 
@@ -108,7 +108,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         model = tiny_sml()
         shard = batches(4)[rank::world_size]
         model.fit_posthoc(shard)
-        torch.save({k: v for k, v in model.state_dict().items() if "max_logit" in k or "class_" in k},
+        torch.save({k: v for k, v in model.state_dict().items() if k.startswith("sml.")},
                    Path(out_dir) / f"rank{rank}.pt")  # fmt: skip
     finally:
         torch.distributed.destroy_process_group()
@@ -126,9 +126,9 @@ def test_statistics_under_two_ddp_processes_equal_one_process(tmp_path: Path) ->
     single.fit_posthoc(batches(4))
     for rank in range(2):
         state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        torch.testing.assert_close(state["max_logit_counts"], single.max_logit_counts, rtol=0, atol=0)
-        torch.testing.assert_close(state["max_logit_sums"], single.max_logit_sums, rtol=1e-12, atol=1e-9)
-        torch.testing.assert_close(state["class_stds"], single.class_stds, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(state["sml.counts"], single.sml.counts, rtol=0, atol=0)
+        torch.testing.assert_close(state["sml.sums"], single.sml.sums, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(state["sml.stds"], single.sml.stds, rtol=1e-9, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- segmenter plumbing
