@@ -608,7 +608,7 @@ class StreetHazardsDataModule(L.LightningDataModule):
     def _eval_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
         """Under DDP each sample is evaluated exactly once: Lightning's default distributed sampler
         pads the last batch by repeating samples, which would count them twice in the metrics."""
-        trainer = self._trainer if hasattr(self, "_trainer") else None
+        trainer = getattr(self, "trainer", None)  # LightningDataModule.trainer, set by the Trainer
         if trainer is None or trainer.world_size <= 1:
             return None
         return UnrepeatedDistributedSampler(

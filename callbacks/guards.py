@@ -1,0 +1,480 @@
+"""Guards that keep long training runs recoverable: preemption, numerical faults, wrong checkpoints.
+
+- :class:`PreemptionCheckpoint`: on SIGTERM or SIGUSR1 during ``fit``, save ``last.ckpt`` at the
+  end of the current training batch (every process, together) and stop with
+  :class:`TrainingPreempted` (exit code ``128 + signal``, the shell's convention for a process
+  ended by a signal), so that ``--ckpt_path last`` continues exactly there.
+- :class:`NonFiniteLossGuard`: stop on the first NaN/inf training loss with
+  :class:`NonFiniteLossError` naming the step and the loss, and never let a checkpoint with
+  non-finite weights be written (the last good ``last.ckpt`` stays).
+- :func:`check_checkpoint_class` / :func:`check_checkpoint_matches`: refuse a checkpoint written
+  by a different method or network before Lightning uses it (one
+  :class:`~callbacks.checkpointing.CheckpointError` line instead of a silently swapped method or
+  a ``load_state_dict`` traceback).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import re
+import signal
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from callbacks.checkpointing import CheckpointError, load_checkpoint_file
+
+__all__ = [
+    "ConfigurationError",
+    "NonFiniteLossError",
+    "NonFiniteLossGuard",
+    "PreemptionCheckpoint",
+    "TrainingPreempted",
+    "check_checkpoint_class",
+    "check_checkpoint_matches",
+    "checkpoint_dir",
+    "read_checkpoint",
+    "repair_resume_after_last_batch",
+]
+
+log = logging.getLogger(__name__)
+
+#: Temporary files of ``callbacks.io.atomic_open`` for a checkpoint: ``.<name>.ckpt.<12 hex>.tmp``.
+_TEMP_CHECKPOINT = re.compile(r"^\..+\.ckpt\.[0-9a-f]{12}\.tmp$")
+
+
+def checkpoint_dir(trainer: L.Trainer) -> Path:
+    """Where ``last.ckpt`` lives: the ModelCheckpoint's folder, else ``<log_dir>/checkpoints``."""
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+        return Path(callback.dirpath)
+    logger = trainer.logger
+    if logger is not None and logger.log_dir is not None:
+        return Path(logger.log_dir) / "checkpoints"
+    return Path(trainer.default_root_dir) / "checkpoints"
+
+
+# --------------------------------------------------------------------------------------- preemption
+class TrainingPreempted(SystemExit):
+    """``fit`` stopped on a signal after saving a checkpoint; ``code`` is ``128 + signal number``.
+
+    A ``SystemExit`` so that it ends the process with that code wherever it is raised (also in
+    the other DDP processes), and a non-zero code so that ``fit && test`` does not go on to
+    evaluate a half-trained network.
+    """
+
+    def __init__(self, signum: int, step: int, path: Path | None) -> None:
+        name = signal.Signals(signum).name
+        saved = f"saved '{path}'" if path is not None else "no checkpoint saved"
+        self.message = (
+            f"training stopped by {name} after global step {step}; {saved}; "
+            "run the same command with --ckpt_path last to continue"
+        )
+        super().__init__(128 + signum)
+
+
+class PreemptionCheckpoint(L.Callback):
+    """Save ``last.ckpt`` and stop cleanly when the job is asked to stop (SIGTERM, SIGUSR1).
+
+    Schedulers announce the end of a job with a signal: SLURM sends SIGTERM (and, with
+    ``--signal=SIGUSR1@90``, SIGUSR1 90 s before the time limit); ``kill`` and container
+    runtimes send SIGTERM. The signal handler only records the signal (handlers run between
+    Python bytecodes, possibly inside a collective, so nothing heavy happens there) and then
+    calls the handler that was installed before it, so Lightning's own SIGTERM handling (which
+    forwards the signal to the DDP worker processes) and SLURM auto-requeue keep working.
+
+    At the end of the next training batch the processes agree whether any of them received a
+    signal (one scalar all-reduce per step under DDP, like Lightning's own SIGTERM broadcast;
+    nothing in a single process), all save ``<checkpoint dir>/last.ckpt`` (atomically, through
+    the trainer's checkpoint IO) and raise :class:`TrainingPreempted`. A signal that arrives
+    during validation makes Lightning abort with its ``SIGTERMException``; in a single process
+    the checkpoint is then saved from ``on_exception`` (under DDP the processes cannot agree at
+    that point, so the previous ``last.ckpt`` is what a restart resumes from).
+
+    At the start of ``fit``, temporary checkpoint files left by a process killed while writing
+    (``.<name>.ckpt.<hex>.tmp``) are deleted from the checkpoint folder.
+
+    Args:
+        signals: signal names to handle during training (those the platform lacks are skipped).
+        filename: checkpoint name without extension (``last`` is what ``--ckpt_path last`` finds).
+    """
+
+    def __init__(self, signals: Sequence[str] = ("SIGTERM", "SIGUSR1"), filename: str = "last") -> None:
+        super().__init__()
+        if not filename:
+            raise ValueError("preemption.filename must not be empty")
+        self.signal_names = tuple(signals)
+        unknown = [name for name in self.signal_names if not name.startswith("SIG") or name in ("SIGKILL", "SIGSTOP")]
+        if unknown:
+            raise ValueError(f"preemption.signals: cannot handle {unknown}")
+        self.filename = filename
+        self.received: int | None = None
+        self.saved_path: Path | None = None
+        self._previous: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ signal handling
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+        previous = self._previous.get(signum)
+        # SIG_DFL would end the process (SIGUSR1's default action); SIG_IGN does nothing.
+        if callable(previous):
+            previous(signum, frame)
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal.signal only works in the main thread
+        for name in self.signal_names:
+            signum = getattr(signal, name, None)
+            if signum is None or signum in self._previous:
+                continue
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handler)
+
+    def _uninstall(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum, previous in self._previous.items():
+            # Only undo our own registration; Lightning restores its handlers itself.
+            if signal.getsignal(signum) == self._handler:
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.received, self.saved_path = None, None
+        if trainer.is_global_zero:
+            _remove_temporary_checkpoints(checkpoint_dir(trainer))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning registers its handlers just before the training stage starts; installing
+        # ours here (after it) lets ours record the signal and then hand it on to Lightning's.
+        self._install()
+        if repair_resume_after_last_batch(trainer):
+            rank_zero_info("PreemptionCheckpoint: resumed after the last batch of an epoch; starting the next one")
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        signum = self.received or 0
+        if trainer.world_size > 1:
+            # Processes receive the signal at different moments; they must save (a collective)
+            # and stop at the same batch.
+            agreed = torch.tensor(signum, device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(agreed, reduce_op="max"))
+        if not signum:
+            return
+        path = self._save(trainer, signum)
+        raise TrainingPreempted(signum, trainer.global_step, path)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or self.saved_path is not None:
+            return
+        if trainer.global_step == 0 or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if trainer.world_size > 1:
+            rank_zero_warn(
+                "PreemptionCheckpoint: SIGTERM arrived outside a training batch under DDP; no checkpoint saved "
+                "now, a restart resumes from the previous last.ckpt"
+            )
+            return
+        self._save(trainer, signal.SIGTERM)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._uninstall()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._uninstall()
+
+    def _save(self, trainer: L.Trainer, signum: int) -> Path:
+        path = checkpoint_dir(trainer) / f"{self.filename}{ModelCheckpoint.FILE_EXTENSION}"
+        trainer.save_checkpoint(path, weights_only=False)  # every process: a collective under DDP
+        self.saved_path = path
+        rank_zero_info(
+            f"PreemptionCheckpoint: {signal.Signals(signum).name} received; saved {path} at global step "
+            f"{trainer.global_step}"
+        )
+        return path
+
+
+def repair_resume_after_last_batch(trainer: L.Trainer) -> bool:
+    """Work around a Lightning 2.x resume bug; returns whether it acted.
+
+    A checkpoint written at the end of the *last* training batch of an epoch (by
+    :class:`PreemptionCheckpoint`, or by ``ModelCheckpoint(every_n_train_steps=...)``) is restored
+    as "restarted mid-epoch, on a train batch end": ``_FitLoop.reset`` then counts that epoch as
+    processed and completed, but keeps the "mid-epoch" restart stage for the next epoch, whose
+    ``on_train_epoch_start`` hooks and ``ready``/``started`` counters it therefore skips. The
+    counters stay one behind for the rest of the run, and the next resume from any checkpoint
+    of that run repeats a whole epoch (more optimizer steps than ``max_epochs`` allows). Called
+    from ``on_train_start`` (after ``reset``, before the next epoch starts), this clears the
+    stale stage, so the next epoch starts like any other.
+    """
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    try:
+        from lightning.pytorch.loops.fit_loop import RestartStage
+
+        stale = (
+            fit_loop.restarted_mid_epoch
+            and epoch_loop.restarted_on_train_batch_end
+            and epoch_loop.batch_progress.is_last_batch
+        )
+    except (ImportError, AttributeError):  # a Lightning version with other loop internals
+        return False
+    if stale:
+        fit_loop._restart_stage = RestartStage.NONE
+    return bool(stale)
+
+
+def _remove_temporary_checkpoints(folder: Path) -> None:
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if _TEMP_CHECKPOINT.match(path.name) and path.is_file():
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except OSError:
+                continue
+            log.info("removed %s (%d bytes), left by a process killed while writing it", path, size)
+
+
+# --------------------------------------------------------------------------------------- numerical faults
+class NonFiniteLossError(RuntimeError):
+    """The training loss (or the weights about to be checkpointed) became NaN or infinite."""
+
+
+class NonFiniteLossGuard(L.Callback):
+    """Stop training at the first NaN/inf loss, and never checkpoint non-finite weights.
+
+    Reading the loss on the host every step would synchronise a GPU with the host once per
+    step. Instead the first non-finite loss is recorded on the device (global step, epoch,
+    batch index and the value, with ``torch.where``: no synchronisation) and the record is read
+    every ``check_every_n_steps`` training batches, before validation and at the end of every
+    training epoch, and before every checkpoint save. The trade-off: training may run up to
+    ``check_every_n_steps - 1`` batches past the fault before it stops (the error still names the
+    first bad step), but no checkpoint is ever written after it, so ``last.ckpt`` keeps the last
+    good state. ``check_every_n_steps: 1`` stops at once at the cost of one sync per step.
+
+    Before a checkpoint is written, the parameters are also checked to be finite (one
+    reduction per save), which also covers non-finite weights reached with a finite loss.
+    Under DDP the processes exchange their records at each check so that all of them stop at the
+    same batch (each process only sees its own shard's loss).
+
+    With ``precision: 16-mixed`` the GradScaler skips optimizer steps whose *gradients* overflow
+    and the loss (computed in float32) stays finite, so loss scaling works as usual; a forward
+    pass that overflows float16 (infinite logits) does give a non-finite loss and stops training.
+    """
+
+    def __init__(self, check_every_n_steps: int = 10) -> None:
+        super().__init__()
+        if check_every_n_steps < 1:
+            raise ValueError(f"nonfinite.check_every_n_steps must be >= 1, got {check_every_n_steps}")
+        self.check_every_n_steps = int(check_every_n_steps)
+        self._record: Tensor | None = None
+        self._batches = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # [global step, epoch, batch index, loss] of the first non-finite loss; step -1: none yet.
+        # Created on every process before the first check, which is collective under DDP.
+        self._record = torch.tensor([-1.0, -1.0, -1.0, 0.0], dtype=torch.float64, device=pl_module.device)
+        self._batches = 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor):
+            self._observe(loss.detach(), trainer, batch_idx)
+        self._batches += 1
+        if self._batches % self.check_every_n_steps == 0:
+            self._check(trainer)
+
+    def _observe(self, loss: Tensor, trainer: L.Trainer, batch_idx: int) -> None:
+        loss = loss.double().reshape(())
+        record = self._record
+        if record is None:
+            return
+        first = ~torch.isfinite(loss) & (record[0] < 0)
+        # Python scalars go into the kernel as arguments: no host -> device copy, no sync.
+        for index, value in enumerate((trainer.global_step, trainer.current_epoch, batch_idx)):
+            record[index] = torch.where(first, float(value), record[index])
+        record[3] = torch.where(first, loss, record[3])
+
+    def _check(self, trainer: L.Trainer) -> None:
+        if self._record is None:
+            return
+        records = self._record
+        if trainer.world_size > 1:
+            records = trainer.strategy.all_gather(records).reshape(-1, 4)
+        else:
+            records = records.reshape(1, 4)
+        rows = [row for row in records.tolist() if row[0] >= 0]
+        if not rows:
+            return
+        step, epoch, batch_idx, value = min(rows)
+        where = checkpoint_dir(trainer) / "last.ckpt"
+        kept = f"'{where}' was written before it and is kept" if where.is_file() else "no checkpoint was written"
+        raise NonFiniteLossError(
+            f"training loss is {_format_value(value)} at global step {int(step)} (epoch {int(epoch)}, batch "
+            f"{int(batch_idx)}); training stopped, {kept}. Lower model.init_args.lr, check the inputs, or train "
+            "in 32-bit precision"
+        )
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Validation inside fit runs before on_train_epoch_end; NaN weights would fail there first.
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Before the module's own on_train_end fits post-hoc statistics and re-saves last.ckpt.
+        self._check(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Raising here aborts the save before anything is written.
+        self._check(trainer)
+        parameters = [p.detach() for p in pl_module.parameters() if p.is_floating_point()]
+        if not parameters:
+            return
+        finite = torch.stack([torch.isfinite(p).all() for p in parameters])
+        if bool(finite.all()):
+            return
+        names = [name for name, p in pl_module.named_parameters() if p.is_floating_point()]
+        bad = [names[i] for i in (~finite).nonzero().flatten().tolist()]
+        raise NonFiniteLossError(
+            f"{len(bad)} parameter tensor(s) hold NaN/inf at global step {trainer.global_step} (e.g. '{bad[0]}'); "
+            "the checkpoint was not written and the previous one is kept"
+        )
+
+
+def _format_value(value: float) -> str:
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else f"{value:.6g}"
+
+
+# --------------------------------------------------------------------------------------- bad input
+class ConfigurationError(ValueError):
+    """A method or datamodule rejected its configuration (raised while the CLI builds them)."""
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint at ``path``, memory-mapped (tensors are read only when touched).
+
+    ``weights_only=True``; a missing, truncated or unsafe file raises
+    :class:`~callbacks.checkpointing.CheckpointError` naming it (the message of
+    :func:`~callbacks.checkpointing.load_checkpoint_file`).
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        # Not a readable zip checkpoint: a legacy file loads without mmap, anything else gets
+        # the usual one-line CheckpointError.
+        return load_checkpoint_file(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"checkpoint '{path}' is not a Lightning checkpoint (no 'state_dict')")
+    return checkpoint
+
+
+def _written_by(checkpoint: Mapping[str, Any]) -> str:
+    """The class path of the module that wrote ``checkpoint`` (LightningCLI records it), or ''."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    return str(hparams.get("_class_path", "")) if isinstance(hparams, Mapping) else ""
+
+
+def _import_class(class_path: str) -> type | None:
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except Exception:  # a class that no longer exists only makes the message shorter
+        return None
+
+
+def _describe(class_path: str) -> str:
+    """``sml (lightning_modules.sml.SMLSegmenter)`` for a class path."""
+    name = getattr(_import_class(class_path), "method_name", class_path.rpartition(".")[2])
+    return f"{name} ({class_path})"
+
+
+def check_checkpoint_class(path: str | os.PathLike[str], class_path: str | None) -> None:
+    """Raise :class:`CheckpointError` if the checkpoint at ``path`` was written by a class other than ``class_path``.
+
+    Given ``--ckpt_path <file>``, LightningCLI rebuilds the model from the hyperparameters stored
+    in the checkpoint, class included; a config for another method would then silently run the
+    checkpoint's method instead (results written under the wrong name). Checkpoints without a
+    recorded class (written outside the CLI) pass; :func:`check_checkpoint_matches` still checks
+    their tensors.
+    """
+    checkpoint = read_checkpoint(path)
+    written_by = _written_by(checkpoint)
+    if not class_path or not written_by or written_by == class_path:
+        return
+    hint = ""
+    # Segmenter-based methods (SML, FRE) can score the DeepLabV3+ ('net.*') of another one.
+    if hasattr(_import_class(class_path), "load_network_weights") and any(
+        key.startswith("net.") for key in checkpoint["state_dict"]
+    ):
+        hint = (
+            "; to score the network it holds with this method, pass it as "
+            "--model.init_args.init_checkpoint instead of --ckpt_path"
+        )
+    raise CheckpointError(
+        f"checkpoint '{path}' was written by method {_describe(written_by)}, not {_describe(class_path)}: "
+        f"use the config of the method that wrote it{hint}"
+    )
+
+
+def check_checkpoint_matches(path: str | os.PathLike[str], model: torch.nn.Module) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` holds a state dict that fits ``model``.
+
+    Lightning restores a checkpoint with a strict ``load_state_dict``; a checkpoint of another
+    method or network would end in a long ``RuntimeError`` after the run has been set up. This
+    compares the key sets and the parameter shapes (buffers may be resized by the method's own
+    loading code, e.g. FRE's subspace bases) first. The file is memory-mapped, so only the
+    tensor headers are read.
+    """
+    checkpoint = read_checkpoint(path)
+    class_path = f"{type(model).__module__}.{type(model).__qualname__}"
+    written_by = _written_by(checkpoint)
+    if written_by and written_by != class_path:
+        check_checkpoint_class(path, class_path)
+    state = checkpoint["state_dict"]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    parameters = dict(model.named_parameters())
+    differ = [
+        (key, list(state[key].shape), list(p.shape))
+        for key, p in parameters.items()
+        if key in state and tuple(state[key].shape) != tuple(p.shape)
+    ]
+    if not (missing or unexpected or differ):
+        return
+    found = []
+    if missing:
+        found.append(f"{len(missing)} tensors missing (e.g. '{missing[0]}')")
+    if unexpected:
+        found.append(f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')")
+    if differ:
+        key, theirs, ours = differ[0]
+        found.append(f"{len(differ)} of another shape (e.g. '{key}': {theirs} in the checkpoint, {ours} here)")
+    raise CheckpointError(
+        f"checkpoint '{path}' does not fit this {_describe(class_path)} model: {'; '.join(found)}. "
+        "Were encoder_name, num_classes (data.ignore_unlabeled) or the method's options different in the run "
+        "that wrote it?"
+    )
