@@ -11,7 +11,9 @@ comparison measures is exactly what a user gets). The results go to ``--output_d
 - ``<method>/run/``: each method's TensorBoard logs, checkpoints and ``metrics.json``.
 
 A method listed in ``reuse_segmenter`` (FRE by default) is not trained: it scores the network
-trained for another method (SML), as FRE is a post-hoc scorer of a plain segmenter.
+trained for another method (SML), as FRE is a post-hoc scorer of a plain segmenter. A method
+listed in ``init_from`` is trained, starting from another method's trained network (its
+``init_checkpoint``); the demo starts the dual decoder from the SML segmenter this way.
 Completed methods are reused on a second run (``reuse_checkpoints``), resumed if interrupted.
 """
 
@@ -55,6 +57,12 @@ def build_parser() -> ArgumentParser:
         type=dict[str, str],
         default={"fre": "sml"},
         help="Method -> the method whose trained network it scores instead of training its own.",
+    )
+    parser.add_argument(
+        "--init_from",
+        type=dict[str, str],
+        default={},
+        help="Method -> the method whose trained network initializes its training (its init_checkpoint).",
     )
     parser.add_argument(
         "--overrides",
@@ -127,9 +135,15 @@ def _examples(model: Any, datamodule: Any, count: int) -> list[dict[str, np.ndar
 
 
 def run_method(
-    name: str, config: str, output_dir: Path, overrides: Sequence[str], reuse: bool, init_checkpoint: str | None
+    name: str,
+    config: str,
+    output_dir: Path,
+    overrides: Sequence[str],
+    reuse: bool,
+    init_checkpoint: str | None,
+    train: bool = True,
 ) -> dict[str, Any]:
-    """Fit (unless scoring another method's network) and test one method; return its results."""
+    """Fit (if ``train``; starting from ``init_checkpoint`` if given) and test one method; return its results."""
     from main import cli_main
 
     args = _method_args(config, name, output_dir, overrides)
@@ -146,7 +160,7 @@ def run_method(
     last = checkpoint_dir / "last.ckpt"
 
     train_time = 0.0
-    if init_checkpoint is None:
+    if train:
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if reuse and last.is_file() else None)
         train_time = time.perf_counter() - start
@@ -246,6 +260,7 @@ def compare(
     overrides: Sequence[str] = (),
     reuse_checkpoints: bool = True,
     num_examples: int = 2,
+    init_from: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the comparison and write its three files; return the records."""
     out = Path(output_dir)
@@ -253,20 +268,32 @@ def compare(
     for name, config in methods.items():
         if not Path(config).is_file():
             raise FileNotFoundError(f"compare: config of method '{name}' not found: {config}")
+    init_from = dict(init_from or {})
     for name, source in reuse_segmenter.items():
         if name in methods and source not in methods:
             raise ValueError(f"compare: '{name}' reuses the network of '{source}', which is not in --methods")
+    for name, source in init_from.items():
+        if name in reuse_segmenter:
+            raise ValueError(f"compare: '{name}' is in both --reuse_segmenter and --init_from; pick one")
+        if name in methods and (source not in methods or source in init_from or source in reuse_segmenter):
+            raise ValueError(
+                f"compare: '{name}' starts from the network of '{source}', which is not a method trained "
+                "from scratch in --methods"
+            )
     # methods that provide a network for others run first
-    order = sorted(methods, key=lambda m: m in reuse_segmenter)
+    order = sorted(methods, key=lambda m: m in reuse_segmenter or m in init_from)
     records: list[dict[str, Any]] = []
     curves: dict[str, dict[str, Any]] = {}
     examples: dict[str, list[dict]] = {}
     runs: dict[str, dict[str, Any]] = {}
     for name in order:
         source = reuse_segmenter.get(name)
-        init_checkpoint = runs[source]["checkpoint"] if source else None
-        print(f"compare: {name} ({methods[name]})" + (f", scoring the network of {source}" if source else ""))
-        run = run_method(name, methods[name], out, overrides, reuse_checkpoints, init_checkpoint)
+        start_from = init_from.get(name)
+        init_checkpoint = runs[source or start_from]["checkpoint"] if (source or start_from) else None
+        note = f", scoring the network of {source}" if source else ""
+        note += f", starting from the network of {start_from}" if start_from else ""
+        print(f"compare: {name} ({methods[name]}){note}")
+        run = run_method(name, methods[name], out, overrides, reuse_checkpoints, init_checkpoint, train=source is None)
         runs[name] = run
         extra = {
             "train_time_s": run["train_time_s"],
@@ -274,6 +301,7 @@ def compare(
             "checkpoint": run["checkpoint"],
             "metrics_file": run["metrics_file"],
             "config": methods[name],
+            "initialized_from": start_from,
         }
         # Baselines of a network are listed once, with the method that trained it.
         method_records = _records_of(name, run["results"], extra, with_extra_scores=source is None)
@@ -311,6 +339,7 @@ def compare_main(argv: Sequence[str]) -> int:
         list(cfg.overrides),
         cfg.reuse_checkpoints,
         cfg.num_examples,
+        dict(cfg.init_from),
     )
     return 0
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3PlusDecoder
 from torch import Tensor, nn
 
+from callbacks.checkpointing import CheckpointError, load_checkpoint_file
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
 from lightning_modules.base import AnomalySegmentationModule, MethodOutput
 from lightning_modules.baselines import baseline_scores
@@ -65,6 +66,7 @@ __all__ = [
     "contrastive_anomaly_score",
     "dual_decoder_anomaly_score",
     "DualDecoderSegmenter",
+    "segmenter_to_dual_decoder_state",
 ]
 
 
@@ -145,6 +147,29 @@ class DualDecoderNet(nn.Module):
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         embedding = F.interpolate(embedding, size=size, mode="bilinear", align_corners=False)
         return logits[..., :height, :width], embedding[..., :height, :width]
+
+
+def segmenter_to_dual_decoder_state(
+    segmenter_state: Mapping[str, Tensor], contrastive_head: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """Map a DeepLabV3+ state dict (smp keys under ``model.``) onto :class:`DualDecoderNet` keys.
+
+    The segmenter's decoder initializes both decoders: the semantic one continues what it was
+    trained for, and the contrastive one starts from features that already separate the
+    classes. ``contrastive_head`` (the target's own, usually random) is kept.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in segmenter_state.items():
+        if key.startswith("model.encoder."):
+            out["encoder." + key[len("model.encoder.") :]] = value
+        elif key.startswith("model.decoder."):
+            rest = key[len("model.decoder.") :]
+            out["semantic_decoder." + rest] = value
+            out["contrastive_decoder." + rest] = value.clone()
+        elif key.startswith("model.segmentation_head.0."):
+            out["semantic_head." + key[len("model.segmentation_head.0.") :]] = value
+    out.update({"contrastive_head." + key: value for key, value in contrastive_head.items()})
+    return out
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -515,6 +540,10 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
         min_statistics_pixels: a class's epoch statistics are only updated from at least this many
             true-positive pixels; otherwise the previous ones are kept.
         sml_on_semantic: also score with SML on the semantic logits (fitted after training).
+        init_checkpoint: start training from the network of a checkpoint: a dual-decoder one
+            (weights copied as they are), or a DeepLabV3+ segmenter of SML/FRE (its encoder, its
+            decoder into both decoders, its classifier into the semantic head; the contrastive head
+            starts random). Epoch statistics and optimizer state are not taken over.
     """
 
     method_name = "dual_decoder"
@@ -535,12 +564,15 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
         std_floor: float = 0.1,
         min_statistics_pixels: int = 64,
         sml_on_semantic: bool = True,
+        init_checkpoint: str | None = None,
         channels_last: bool = False,
         **base_kwargs: Any,
     ) -> None:
         super().__init__(**base_kwargs)
         k = self.num_classes
         self.net = DualDecoderNet(k, embedding_dim, encoder_name, encoder_weights)
+        if init_checkpoint is not None:
+            self.load_network_weights(init_checkpoint)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         d = self.net.embedding_dim
@@ -551,6 +583,13 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
         self.register_buffer("sem_counts", torch.zeros(k, dtype=f64))
         self.register_buffer("emb_sums", torch.zeros(k, d, dtype=f64))
         self.register_buffer("emb_counts", torch.zeros(k, dtype=f64))
+        # DDP copies rank 0's buffers to every process before each training forward pass
+        # (broadcast_buffers, on by default). The accumulators hold each process's own sums until
+        # on_train_epoch_end adds them up, so they must not be copied: rank 0's would replace the
+        # others' at every step and be counted once per process.
+        self._ddp_params_and_buffers_to_ignore = [
+            "sem_sums", "sem_sq_sums", "sem_counts", "emb_sums", "emb_counts"
+        ]  # fmt: skip
         # statistics of the previous epoch, used by the losses and the score
         self.register_buffer("class_means", torch.zeros(k, k, dtype=f64))
         self.register_buffer("class_stds", torch.ones(k, k, dtype=f64))
@@ -558,6 +597,22 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
         self.register_buffer("prototypes", torch.zeros(k, d, dtype=f64))
         # post-hoc SML statistics of the semantic logits
         self.sml = SMLStatistics(k)
+
+    def load_network_weights(self, path: str) -> None:
+        """Initialize ``net`` from a dual-decoder or a DeepLabV3+ segmenter checkpoint (see ``init_checkpoint``)."""
+        state = load_checkpoint_file(path)["state_dict"]
+        net_state = {key[len("net.") :]: value for key, value in state.items() if key.startswith("net.")}
+        if any(key.startswith("model.") for key in net_state):
+            net_state = segmenter_to_dual_decoder_state(net_state, self.net.contrastive_head.state_dict())
+        if not net_state:
+            raise CheckpointError(f"checkpoint '{path}' holds no network weights ('net.*')")
+        try:
+            self.net.load_state_dict(net_state)
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"checkpoint '{path}' does not match this dual-decoder network (encoder_name / num_classes differ?): "
+                f"{str(error).splitlines()[0]}"
+            ) from None
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         if self.hparams.channels_last:

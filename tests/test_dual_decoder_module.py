@@ -134,3 +134,65 @@ def test_segment_reports_own_score_sml_and_baselines() -> None:
         logits, embedding, model.class_means.float(), model.class_stds.float(), 1.0, model.class_valid
     )
     torch.testing.assert_close(out.scores["dual_decoder"], expected)
+
+
+def _save(model: L.LightningModule, path: Path) -> Path:
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_init_checkpoint_from_a_segmenter_reproduces_its_logits(tmp_path: Path) -> None:
+    """Started from a DeepLabV3+ segmenter, the semantic branch is that segmenter (same logits in
+    eval mode), the contrastive decoder starts from the same decoder weights, and its head is new."""
+    from lightning_modules.segmenter import DeepLabV3PlusSegmenter
+
+    torch.manual_seed(1)
+    segmenter = DeepLabV3PlusSegmenter(num_classes=K, encoder_name="resnet18", encoder_weights=None)
+    run = batch(5)
+    segmenter.train()
+    with torch.no_grad():  # move the BatchNorm running statistics away from their defaults
+        segmenter(run["image"])
+    path = _save(segmenter, tmp_path / "segmenter.ckpt")
+
+    model = tiny(init_checkpoint=str(path))
+    fresh = tiny()
+    segmenter.eval(), model.eval()
+    with torch.no_grad():
+        features, _ = segmenter.forward_features(run["image"])
+        expected = segmenter.net.model.segmentation_head[0](features)  # before smp's x4 upsampling
+        net = model.net
+        semantic = net.semantic_head(net.semantic_decoder(net.encoder(run["image"])))
+        _, embedding = model(run["image"])
+    # The two upsample differently (smp's head: align_corners=True), so compare at 1/4 resolution.
+    torch.testing.assert_close(semantic, expected, rtol=1e-5, atol=1e-5)
+    for name, value in model.net.semantic_decoder.state_dict().items():
+        assert torch.equal(model.net.contrastive_decoder.state_dict()[name], value), name
+    assert torch.equal(model.net.contrastive_head.weight, fresh.net.contrastive_head.weight)
+    assert embedding.shape == (2, K, 32, 48)
+
+
+def test_init_checkpoint_from_a_dual_decoder_copies_the_network(tmp_path: Path) -> None:
+    source = tiny()
+    run_steps(source, [0])
+    path = _save(source, tmp_path / "dual.ckpt")
+    torch.manual_seed(7)
+    model = DualDecoderSegmenter(
+        num_classes=K, encoder_name="resnet18", encoder_weights=None, init_checkpoint=str(path)
+    )
+    for name, value in source.net.state_dict().items():
+        assert torch.equal(model.net.state_dict()[name], value), name
+    assert not bool(model.class_valid.any())  # statistics are not taken over
+
+
+def test_init_checkpoint_of_another_shape_fails_naming_the_file(tmp_path: Path) -> None:
+    import pytest
+
+    from callbacks.checkpointing import CheckpointError
+    from lightning_modules.segmenter import DeepLabV3PlusSegmenter
+
+    other = DeepLabV3PlusSegmenter(num_classes=K + 1, encoder_name="resnet18", encoder_weights=None)
+    path = _save(other, tmp_path / "five_classes.ckpt")
+    with pytest.raises(CheckpointError, match="five_classes.ckpt' does not match"):
+        tiny(init_checkpoint=str(path))
