@@ -146,14 +146,18 @@ def curves_figure(curves: Mapping[str, Mapping[str, np.ndarray]], metrics: Mappi
 # --------------------------------------------------------------------------------------- the callback
 @dataclass
 class _Capture:
-    """One logged image, already on the host at display size."""
+    """One logged image, on the host at display size, stored compactly: 9 bytes per pixel."""
 
     tag: str
-    image: Tensor  # [3, h, w] float in [0, 1]
-    mask: Tensor  # [h, w] long
-    pred: Tensor  # [h, w] long
-    score: Tensor  # [h, w] float32
+    rgb: Tensor  # [h, w, 3] uint8: the input panel, round(255 * image)
+    mask: Tensor  # [h, w] uint8: labels clipped to 0..255, as the palette lookup clips them
+    pred: Tensor  # [h, w] uint8: closed-set prediction, clipped alike
+    score: Tensor  # [h, w] float32: kept exact for the colour map and the threshold comparison
     step: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.rgb, self.mask, self.pred, self.score))
 
 
 class AnomalyHeatmapLogger(L.Callback):
@@ -176,10 +180,14 @@ class AnomalyHeatmapLogger(L.Callback):
     Scores outside the range saturate.
 
     Panel 5 needs the threshold, which the :class:`AnomalyEvaluation` callback only knows once an
-    epoch is over; the selected images are therefore kept on the host (a few small tensors) and
-    the grids are written at the end of the validation/test run, with the threshold of that
-    split's epoch. Without a finite threshold (no evaluation callback, or a split without
-    anomalies, like StreetHazards' validation split) panel 5 is left out.
+    epoch is over; the selected images are therefore kept on the host and the grids are written
+    at the end of the validation/test run, with the threshold of that split's epoch. Without a
+    finite threshold (no evaluation callback, or a split without anomalies, like StreetHazards'
+    validation split) panel 5 is left out. What is kept is compact and bounded: per image the
+    input as uint8 RGB, ground truth and prediction as uint8 labels and the score as float32 (9
+    bytes per display pixel, 2.1 MB at 640x360), and at most ``max_captures`` images per split
+    and run: once that many are held, later batches are not captured. The grids are the same as
+    from full-precision copies (the input panel is rounded to uint8 either way).
 
     After test, for every score: ``test/pr_curve/<score>`` via ``add_pr_curve_raw`` (the
     TensorBoard PR plugin; its x axis is the index of the operating point, thresholds are raw
@@ -191,6 +199,9 @@ class AnomalyHeatmapLogger(L.Callback):
     Args:
         every_n_batches: Log from batches whose index is a multiple of this.
         max_images: Images taken from each logged batch.
+        max_captures: Images captured per split (each validation run, each test run) at most;
+            the default 16 is what a 1500-image test split at batch size 4 gives with the other
+            defaults (2 images from each of 8 logged batches).
         panel_width: Panels are downscaled to at most this width (aspect ratio kept).
         colormap: A matplotlib colormap name for the heatmap.
         quantiles: Lower/upper quantile of the first logged scores that fix the colour scale.
@@ -201,18 +212,20 @@ class AnomalyHeatmapLogger(L.Callback):
         self,
         every_n_batches: int = 50,
         max_images: int = 2,
+        max_captures: int = 16,
         panel_width: int = 640,
         colormap: str = "inferno",
         quantiles: tuple[float, float] = (0.01, 0.99),
         log_curves: bool = True,
     ) -> None:
         super().__init__()
-        if every_n_batches < 1 or max_images < 1 or panel_width < 1:
-            raise ValueError("every_n_batches, max_images and panel_width must be positive")
+        if every_n_batches < 1 or max_images < 1 or max_captures < 1 or panel_width < 1:
+            raise ValueError("every_n_batches, max_images, max_captures and panel_width must be positive")
         if not 0.0 <= quantiles[0] < quantiles[1] <= 1.0:
             raise ValueError(f"quantiles must satisfy 0 <= low < high <= 1, got {quantiles}")
         self.every_n_batches = int(every_n_batches)
         self.max_images = int(max_images)
+        self.max_captures = int(max_captures)
         self.panel_width = int(panel_width)
         self.colormap = colormap
         self.quantiles = (float(quantiles[0]), float(quantiles[1]))
@@ -282,20 +295,26 @@ class AnomalyHeatmapLogger(L.Callback):
             return
         if not isinstance(outputs, Mapping) or not outputs.get("scores"):
             return
+        pending = self._pending.setdefault(stage, [])
+        count = min(self.max_images, batch["image"].shape[0], self.max_captures - len(pending))
+        if count <= 0:
+            return
         scores: Mapping[str, Tensor] = outputs["scores"]
         primary = next(iter(scores))
-        count = min(self.max_images, batch["image"].shape[0])
         mask = batch["mask"][:count]
         height, width = mask.shape[-2:]
         size = (max(1, round(height * min(1.0, self.panel_width / width))), min(width, self.panel_width))
         with torch.no_grad():
             image = resize_to(denormalize(batch["image"][:count]), size).clamp(0.0, 1.0)
+            # The input panel's uint8 values, rounded half to even as np.round does.
+            rgb = (image * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1)
             # Nearest for labels; bilinear (as in evaluation) for logits and scores.
             small_mask = torch.nn.functional.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0]
-            pred = resize_to(outputs["logits"][:count].float(), size).argmax(dim=1)
+            small_mask = small_mask.clamp(0, 255).to(torch.uint8)
+            pred = resize_to(outputs["logits"][:count].float(), size).argmax(dim=1).clamp(max=255).to(torch.uint8)
             score = resize_to(scores[primary][:count].float(), size)
         # The one device -> host copy (and GPU synchronisation) of this batch.
-        image, small_mask, pred, score = (t.cpu() for t in (image, small_mask.long(), pred, score))
+        rgb, small_mask, pred, score = (t.cpu() for t in (rgb, small_mask, pred, score))
 
         method = str(getattr(pl_module, "method_name", type(pl_module).__name__))
         if method not in self.scales:
@@ -303,13 +322,14 @@ class AnomalyHeatmapLogger(L.Callback):
         names = batch.get("name") if isinstance(batch, Mapping) else None
         for i in range(count):
             label = str(names[i]) if isinstance(names, Sequence) and i < len(names) else f"b{batch_idx:05d}_{i}"
-            self._pending.setdefault(stage, []).append(
+            # Copies, so that no capture keeps a view of a larger tensor alive.
+            pending.append(
                 _Capture(
                     tag=f"{_STAGE_PREFIX[stage]}/heatmap/{label}",
-                    image=image[i],
-                    mask=small_mask[i],
-                    pred=pred[i],
-                    score=score[i],
+                    rgb=rgb[i].clone(memory_format=torch.contiguous_format),
+                    mask=small_mask[i].clone(),
+                    pred=pred[i].clone(),
+                    score=score[i].clone(),
                     step=trainer.global_step,
                 )
             )
@@ -333,18 +353,7 @@ class AnomalyHeatmapLogger(L.Callback):
         low, high = self.scales[method]
 
         for capture in captures:
-            rgb = np.round(capture.image.permute(1, 2, 0).numpy() * 255.0).astype(np.uint8)
-            mask = capture.mask.numpy()
-            panels = [
-                rgb,
-                labels[mask.clip(0, 255)],
-                labels[capture.pred.numpy().clip(0, 255)],
-                apply_colormap(capture.score, low, high, self._lut),
-            ]
-            if threshold is not None:
-                flagged = capture.score.numpy() >= threshold
-                panels.append(outcome_overlay(rgb, flagged, mask, anomaly_index, ignore_index))
-            grid = make_grid(panels, columns=3 if len(panels) > 4 else 2)
+            grid = _render(capture, labels, self._lut, (low, high), threshold, anomaly_index, ignore_index)
             writer.add_image(capture.tag, grid, global_step=capture.step, dataformats="HWC")
         description = f"heatmap scale of {method}: [{low:.6g}, {high:.6g}]"
         if threshold is not None:
@@ -375,6 +384,24 @@ class AnomalyHeatmapLogger(L.Callback):
 
 
 # --------------------------------------------------------------------------------------- helpers
+def _render(
+    capture: _Capture,
+    labels: np.ndarray,
+    lut: np.ndarray,
+    scale: tuple[float, float],
+    threshold: float | None,
+    anomaly_index: int,
+    ignore_index: int,
+) -> np.ndarray:
+    """The grid image of one capture: 4 panels (2 x 2), or 5 (3 columns) with a threshold."""
+    rgb, mask = capture.rgb.numpy(), capture.mask.numpy()
+    panels = [rgb, labels[mask], labels[capture.pred.numpy()], apply_colormap(capture.score, *scale, lut)]
+    if threshold is not None:
+        flagged = capture.score.numpy() >= threshold
+        panels.append(outcome_overlay(rgb, flagged, mask, anomaly_index, ignore_index))
+    return make_grid(panels, columns=3 if len(panels) > 4 else 2)
+
+
 def _tensorboard(trainer: L.Trainer) -> Any:
     """The SummaryWriter of the first TensorBoardLogger, or None."""
     for logger in trainer.loggers:

@@ -548,6 +548,9 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
 
     method_name = "dual_decoder"
 
+    #: Buffers that sum the current epoch's statistics, per process until the epoch ends.
+    EPOCH_ACCUMULATORS = ("sem_sums", "sem_sq_sums", "sem_counts", "emb_sums", "emb_counts")
+
     def __init__(
         self,
         encoder_name: str = "resnet50",
@@ -587,9 +590,7 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
         # (broadcast_buffers, on by default). The accumulators hold each process's own sums until
         # on_train_epoch_end adds them up, so they must not be copied: rank 0's would replace the
         # others' at every step and be counted once per process.
-        self._ddp_params_and_buffers_to_ignore = [
-            "sem_sums", "sem_sq_sums", "sem_counts", "emb_sums", "emb_counts"
-        ]  # fmt: skip
+        self._ddp_params_and_buffers_to_ignore = list(self.EPOCH_ACCUMULATORS)
         # statistics of the previous epoch, used by the losses and the score
         self.register_buffer("class_means", torch.zeros(k, k, dtype=f64))
         self.register_buffer("class_stds", torch.ones(k, k, dtype=f64))
@@ -668,7 +669,7 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
         return loss
 
     def epoch_accumulators(self) -> list[Tensor]:
-        return [self.sem_sums, self.sem_sq_sums, self.sem_counts, self.emb_sums, self.emb_counts]
+        return [getattr(self, name) for name in self.EPOCH_ACCUMULATORS]
 
     @torch.no_grad()
     def on_train_epoch_end(self) -> None:
@@ -698,6 +699,36 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
         )
         for acc in self.epoch_accumulators():
             acc.zero_()
+
+    # ----------------------------------------------------------------- checkpoints within an epoch
+    @torch.no_grad()
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Under DDP, store the accumulators summed over all processes (not rank 0's share alone).
+
+        A checkpoint written before an epoch ends (every N steps, on preemption, at validation)
+        holds that epoch's partial sums. Each process has its own; the checkpoint gets their sum,
+        and ``on_load_checkpoint`` gives it to rank 0 only, so that a resumed run, on any number of
+        processes, counts every pixel once. Every process calls this (saving is collective).
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if torch.distributed.get_world_size() < 2:
+            return
+        state = checkpoint["state_dict"]
+        for name in self.EPOCH_ACCUMULATORS:
+            total = getattr(self, name).detach().clone()
+            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+            state[name] = total
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Processes other than rank 0 start from zero accumulators (see ``on_save_checkpoint``)."""
+        trainer = self._trainer
+        if trainer is None or trainer.global_rank == 0:
+            return
+        state = checkpoint.get("state_dict", {})
+        for name in self.EPOCH_ACCUMULATORS:
+            if name in state:
+                state[name] = torch.zeros_like(state[name])
 
     # ----------------------------------------------------------------- post-hoc SML on the semantic logits
     @property

@@ -38,7 +38,15 @@ from callbacks.evaluation import (
 )
 from callbacks.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
 from callbacks.metrics import AnomalyMetrics
-from callbacks.visualization import AnomalyHeatmapLogger, colormap_lut, label_lut, make_grid, outcome_overlay
+from callbacks.visualization import (
+    AnomalyHeatmapLogger,
+    apply_colormap,
+    colormap_lut,
+    denormalize,
+    label_lut,
+    make_grid,
+    outcome_overlay,
+)
 from datamodules.labels import CLASS_NAMES, IMAGE_MEAN, IMAGE_STD, PALETTE, colorize
 from lightning_modules.base import AnomalySegmentationModule, MethodOutput
 
@@ -364,6 +372,63 @@ def test_heatmap_grid_panels(test_run):
         expected[region] = 0.4 * expected[region] + 0.6 * np.array(colour)
     np.testing.assert_allclose(panel(grid, 4, 3), np.round(expected), atol=1)
     assert (flagged & (mask == ANOMALY)).any()
+
+
+def _float_path_grids(image, mask, logits, score, size, labels, lut, scale, threshold) -> list[np.ndarray]:
+    """Grids as AnomalyHeatmapLogger drew them when it held float32 images and int64 labels."""
+    with torch.no_grad():
+        image = resize_to(denormalize(image), size).clamp(0.0, 1.0)
+        small_mask = F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0].long()
+        pred = resize_to(logits.float(), size).argmax(dim=1)
+        score = resize_to(score.float(), size)
+    grids = []
+    for i in range(image.shape[0]):
+        rgb = np.round(image[i].permute(1, 2, 0).numpy() * 255.0).astype(np.uint8)
+        m = small_mask[i].numpy()
+        panels = [rgb, labels[m.clip(0, 255)], labels[pred[i].numpy().clip(0, 255)]]
+        panels.append(apply_colormap(score[i], *scale, lut))
+        panels.append(outcome_overlay(rgb, score[i].numpy() >= threshold, m, ANOMALY, IGNORE))
+        grids.append(make_grid(panels, columns=3))
+    return grids
+
+
+def test_heatmap_captures_are_compact_capped_and_drawn_as_from_float_copies(tmp_path):
+    """max_captures=3 with 2 images from each of 3 batches: images 0, 1 and 2 are captured, the
+    rest not. Each is held as uint8 image and labels plus the float32 score (9 bytes per pixel),
+    and its grid equals the one drawn from float32/int64 copies. Panels of 8x11 (panel_width=11)
+    so that the image and the score are resampled."""
+    evaluation = AnomalyEvaluation(per_class_false_positives=False)
+    heatmaps = AnomalyHeatmapLogger(every_n_batches=1, max_images=2, max_captures=3, panel_width=11)
+
+    class Held(L.Callback):
+        def on_test_epoch_end(self, trainer, pl_module):
+            self.captures = list(heatmaps._pending["test"])
+
+    held, model, data = Held(), ToyMethod(), ToyData()
+    trainer = make_trainer(tmp_path, [evaluation, heatmaps, held])
+    trainer.test(model, loader(data))
+
+    assert [c.tag for c in held.captures] == [f"test/heatmap/img{i:03d}" for i in range(3)]
+    for capture in held.captures:
+        assert (capture.rgb.dtype, capture.mask.dtype, capture.pred.dtype) == (torch.uint8,) * 3
+        assert capture.score.dtype == torch.float32 and capture.rgb.shape == (8, 11, 3)
+        assert capture.nbytes == 8 * 11 * 9
+    acc = events(trainer.logger.log_dir)
+    assert {t for t in acc.Tags()["images"] if "/heatmap/" in t} == {c.tag for c in held.captures}
+
+    threshold = evaluation.threshold95("test")
+    assert threshold is not None
+    draw = (label_lut(PALETTE, 13), colormap_lut("inferno"), heatmaps.scales["toy"], threshold)
+    model.eval()
+    expected = []
+    for start in (0, 2):  # the loader's batches of 2
+        with torch.no_grad():
+            out = model.segment(data.image[start : start + 2])
+        image, mask = data.image[start : start + 2], data.mask[start : start + 2]
+        expected += _float_path_grids(image, mask, out.logits, out.scores["red"], (8, 11), *draw)
+    for capture, grid in zip(held.captures, expected[:3], strict=True):
+        assert grid.shape == (2 * 8 + 3 * 4, 3 * 11 + 4 * 4, 3)
+        np.testing.assert_array_equal(decode(acc, capture.tag), grid, err_msg=capture.tag)
 
 
 # ------------------------------------------------------------------------------------------------ validation
