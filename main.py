@@ -166,12 +166,30 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
+USAGE = """usage: main.py {fit,validate,test,predict,compare,download} [options]
+
+  fit, validate, test, predict   LightningCLI subcommands: main.py <subcommand> --config configs/<method>.yaml
+  compare                        train, fit and test every method; one table and one figure (no options:
+                                 the embedded synthetic dataset, about 10 minutes on 2 CPU cores)
+  download                       fetch and unpack StreetHazards: main.py download --root DIR
+
+main.py <subcommand> --help lists a subcommand's options."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     # LightningCLI reads sys.argv itself when given None (and warns when given both).
     cli_args = None if argv is None else list(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        if argv:
+            return 0
+        print(
+            "error: no subcommand given; pick one of fit, validate, test, predict, compare, download", file=sys.stderr
+        )
+        return 2
     errors = _user_errors()
     try:
         if argv and argv[0] == "compare":

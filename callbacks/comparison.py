@@ -61,7 +61,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--init_from",
         type=dict[str, str],
-        default={},
+        default={"dual_decoder": "sml"},
         help="Method -> the method whose trained network initializes its training (its init_checkpoint).",
     )
     parser.add_argument(
@@ -278,7 +278,7 @@ def compare(
         if name in methods and (source not in methods or source in init_from or source in reuse_segmenter):
             raise ValueError(
                 f"compare: '{name}' starts from the network of '{source}', which is not a method trained "
-                "from scratch in --methods"
+                f"from scratch in --methods (--init_from '{{}}' trains '{name}' from scratch)"
             )
     # methods that provide a network for others run first
     order = sorted(methods, key=lambda m: m in reuse_segmenter or m in init_from)

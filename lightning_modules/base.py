@@ -229,7 +229,7 @@ class AnomalySegmentationModule(L.LightningModule):
         callback = self.trainer.checkpoint_callback
         last = getattr(callback, "last_model_path", "") if callback is not None else ""
         if last:
-            self.trainer.save_checkpoint(last)
+            self.trainer.save_checkpoint(last, weights_only=False)
 
     def _ensure_posthoc(self) -> None:
         if self.needs_posthoc and not bool(self.posthoc_fitted):

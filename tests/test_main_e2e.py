@@ -84,7 +84,7 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
     ]
     out = tmp_path / "compare"
     methods = {m: str(REPO / f"configs/demo/{m}.yaml") for m in ("sml", "fre", "dual_decoder")}
-    records = compare(str(out), methods, {"fre": "sml"}, overrides, num_examples=1)
+    records = compare(str(out), methods, {"fre": "sml"}, overrides, num_examples=1, init_from={"dual_decoder": "sml"})
     for name in ("comparison.json", "comparison.md", "comparison.png"):
         assert (out / name).is_file(), name
     document = json.loads((out / "comparison.json").read_text())
@@ -96,6 +96,11 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
             assert key in record, key
     fre = next(r for r in document["records"] if r["method"] == "fre")
     assert fre["train_time_s"] == 0 and fre["checkpoint"].endswith("sml/run/checkpoints/last.ckpt")
+    dual = next(r for r in document["records"] if r["method"] == "dual_decoder")
+    assert dual["initialized_from"] == "sml" and dual["train_time_s"] > 0
+    assert dual["checkpoint"].endswith("dual_decoder/run/checkpoints/last.ckpt")
+    hparams = torch.load(out / "dual_decoder/run/checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["init_checkpoint"].endswith("sml/run/checkpoints/last.ckpt")
     assert "| sml |" in (out / "comparison.md").read_text()
     assert Image.open(out / "comparison.png").size[0] > 500
     assert len(records) == len(document["records"])

@@ -992,7 +992,7 @@ def _bad_input_cases(root: Path, work: Path, sml_checkpoint: Path) -> dict[str, 
                                  ["download", f"--root={work / 'dl'}", "--splits", "train", "--no_progress",
                                   "--retries=0", "--train_url=http://127.0.0.1:9/streethazards_train.tar"],
                                  "cannot reach http://127.0.0.1:9/streethazards_train.tar"),
-        "no_subcommand": ("no subcommand", "main.py", [], 'expected "subcommand" to be one of'),
+        "no_subcommand": ("no subcommand", "main.py", [], "no subcommand given; pick one of fit, validate"),
         "unknown_subcommand": ("unknown subcommand (`train`)", "main.py", ["train"], "invalid choice: 'train'"),
     }  # fmt: skip
 
