@@ -208,10 +208,15 @@ def plot_comparison(
     import matplotlib.pyplot as plt
 
     methods = [m for m in examples if examples[m]]
-    num_examples = max((len(v) for v in examples.values()), default=0)
-    columns = max(2, 2 + num_examples)
-    rows = 1 + len(methods)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows), squeeze=False)
+    shown = examples[methods[0]] if methods else []  # every method scores the same test images
+    columns = max(2, len(shown))
+    # Curves on top, then the inputs, their ground truth and one row of heatmaps per method; each
+    # example image keeps its column, so a method's heatmap sits under the image it scores.
+    heights = [1.6] + [1.0] * (2 + len(methods)) if shown else [1.6]
+    fig, axes = plt.subplots(
+        len(heights), columns, figsize=(4.0 * columns, 2.4 * sum(heights)),
+        gridspec_kw={"height_ratios": heights}, squeeze=False,
+    )  # fmt: skip
     pr_ax, roc_ax = axes[0, 0], axes[0, 1]
     for record in records:
         curve = curves.get(record["method"])
@@ -230,23 +235,27 @@ def plot_comparison(
     roc_ax.legend(fontsize=6)
     for ax in axes[0, 2:]:
         ax.axis("off")
-    for row, method in enumerate(methods, start=1):
-        first = examples[method]
-        axes[row, 0].imshow(first[0]["image"])
-        axes[row, 0].set_title("input", fontsize=8)
-        axes[row, 1].imshow(colorize(first[0]["mask"]))
-        axes[row, 1].set_title("ground truth (anomaly cyan)", fontsize=8)
-        # fixed scale per method: the 1st-99th percentile over its examples
-        values = np.concatenate([e["score"].ravel() for e in first])
-        lo, hi = np.percentile(values, [1, 99])
-        for col, example in enumerate(first, start=2):
-            axes[row, col].imshow(example["score"], cmap="inferno", vmin=lo, vmax=hi)
-            axes[row, col].set_title(f"{method} score, image {col - 1}", fontsize=8)
-        for ax in axes[row]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        for ax in axes[row, 2 + len(first) :]:
-            ax.axis("off")
+    for col in range(columns):
+        for row in range(1, len(heights)):
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+            if col >= len(shown):
+                axes[row, col].axis("off")
+    for col, example in enumerate(shown):
+        anomaly = example["mask"] == ANOMALY_INDEX
+        axes[1, col].imshow(example["image"])
+        axes[1, col].set_title(f"test image {col + 1}", fontsize=8)
+        axes[2, col].imshow(colorize(example["mask"]))
+        axes[2, col].set_title("ground truth (anomaly cyan)", fontsize=8)
+        for row, method in enumerate(methods, start=3):
+            # fixed scale per method: the 1st-99th percentile over its examples
+            values = np.concatenate([e["score"].ravel() for e in examples[method]])
+            lo, hi = np.percentile(values, [1, 99])
+            ax = axes[row, col]
+            ax.imshow(examples[method][col]["score"], cmap="inferno", vmin=lo, vmax=hi)
+            if anomaly.any():  # outline of the true anomaly, to judge the heatmap against
+                ax.contour(anomaly.astype(np.float32), levels=[0.5], colors="cyan", linewidths=0.6)
+            ax.set_title(f"{method} score (cyan: true anomaly)", fontsize=8)
     fig.tight_layout()
     with atomic_open(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=110)

@@ -303,6 +303,25 @@ class _StageState:
     def primary(self) -> str:
         return self.score_names[0]
 
+    def release(self) -> None:
+        """Free the metric states now instead of whenever Python's cycle collector runs.
+
+        torchmetrics ``Metric`` objects sit in reference cycles (their wrapped ``update`` and
+        ``compute`` refer back to them), so dropping the last reference does not free them: in
+        a fit, each validation epoch's histograms (64 MiB per score) piled up, measured +550 MB
+        per epoch on the demo until a full collection happened to run.
+        """
+        metrics: list[Metric] = [self.segmentation, self.counts, *self.anomaly.values()]
+        if self.negatives is not None:
+            metrics.append(self.negatives)
+        for metric in metrics:
+            # The state and its default (the zeros ``reset`` copies) are each histogram-sized.
+            for name in list(metric._defaults):
+                setattr(metric, name, torch.empty(0))
+                metric._defaults[name] = torch.empty(0)
+            metric._cache = None
+            metric._computed = None
+
 
 # --------------------------------------------------------------------------------------- the callback
 class AnomalyEvaluation(L.Callback):
@@ -402,10 +421,15 @@ class AnomalyEvaluation(L.Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._states.pop("validate", None)
+            self._drop_state("validate")
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._states.pop("test", None)
+        self._drop_state("test")
+
+    def _drop_state(self, stage: str) -> None:
+        state = self._states.pop(stage, None)
+        if state is not None:
+            state.release()
 
     def on_validation_batch_end(
         self,

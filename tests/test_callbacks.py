@@ -682,3 +682,28 @@ def test_atomic_writers_keep_old_file_on_failure(tmp_path, monkeypatch):
         atomic_torch_save({"w": torch.ones(1000), "hook": lambda: None}, ckpt)
     assert torch.equal(torch.load(ckpt)["w"], torch.zeros(3))
     assert _temp_files(tmp_path) == []
+
+
+def test_a_new_epoch_frees_the_previous_epochs_histograms_without_garbage_collection(tmp_path):
+    """torchmetrics metrics sit in reference cycles; without an explicit release each validation
+    epoch's histograms (state and default, 64 MiB each per score) stayed alive until Python's
+    cycle collector ran, measured +550 MB per epoch in a demo fit."""
+    import gc
+    import weakref
+
+    evaluation = AnomalyEvaluation(per_class_false_positives=False)
+    model, data = ToyMethod(), ToyData()
+    trainer = make_trainer(tmp_path, [evaluation])
+    trainer.validate(model, loader(data))
+    first = evaluation.val_metrics["red"]
+    tensors = [getattr(first, name) for name in first._defaults] + list(first._defaults.values())
+    assert any(t.numel() >= 1 << 22 for t in tensors)  # the histogram and its default
+    refs = [weakref.ref(t) for t in tensors]
+    del tensors
+    gc.disable()
+    try:
+        trainer.validate(model, loader(data))
+        assert all(ref() is None for ref in refs)
+    finally:
+        gc.enable()
+    assert evaluation.val_metrics["red"] is not first and evaluation.threshold95("validate") is not None
