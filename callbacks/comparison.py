@@ -168,6 +168,7 @@ def run_method(
     trainer.test(model, datamodule=datamodule, verbose=False)
     test_time = time.perf_counter() - start
     results = evaluation.results["test"]
+    evaluation.release("test")  # the histograms (128 MiB per score) are no longer needed
     return {
         "results": results,
         "curves": evaluation.curves.get("test", {}),
@@ -214,7 +215,7 @@ def plot_comparison(
     # example image keeps its column, so a method's heatmap sits under the image it scores.
     heights = [1.6] + [1.0] * (2 + len(methods)) if shown else [1.6]
     fig, axes = plt.subplots(
-        len(heights), columns, figsize=(4.0 * columns, 2.4 * sum(heights)),
+        len(heights), columns, figsize=(4.0 * columns, 2.1 * sum(heights)),
         gridspec_kw={"height_ratios": heights}, squeeze=False,
     )  # fmt: skip
     pr_ax, roc_ax = axes[0, 0], axes[0, 1]

@@ -421,12 +421,13 @@ class AnomalyEvaluation(L.Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._drop_state("validate")
+            self.release("validate")
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._drop_state("test")
+        self.release("test")
 
-    def _drop_state(self, stage: str) -> None:
+    def release(self, stage: str) -> None:
+        """Free ``stage``'s metric objects ('validate' or 'test'); ``results`` and ``curves`` stay."""
         state = self._states.pop(stage, None)
         if state is not None:
             state.release()

@@ -160,6 +160,9 @@ class AnomalyMetrics(Metric):
         self.num_bins = 1 << self.num_bits
         # counts[0] negatives, counts[1] positives, per bin in increasing score order.
         self.add_state("counts", torch.zeros(2, self.num_bins, dtype=torch.int64), dist_reduce_fx="sum")
+        # torchmetrics keeps a copy of every state's default for reset(): here a second 64 MiB of
+        # zeros. A stride-0 view of one zero stands in for it (reset() clones it into a dense tensor).
+        self._defaults["counts"] = torch.zeros(1, dtype=torch.int64).expand(2, self.num_bins)
         # Range of the keys seen; it determines the bin layout (see _sync_dist).
         self.add_state("key_min", torch.tensor(_EMPTY_KEY_MIN, dtype=torch.int64), dist_reduce_fx="min")
         self.add_state("key_max", torch.tensor(_EMPTY_KEY_MAX, dtype=torch.int64), dist_reduce_fx="max")

@@ -410,6 +410,18 @@ def test_error_in_writer_thread_reaches_predict(tmp_path: Path, predict_dir: Pat
         AnomalyPredictionWriter(write_threads=-1)
 
 
+class _DestroyProcessGroup(L.Callback):
+    """Spawned workers otherwise exit with gloo's threads still joinable, which aborts them now
+    and then ("terminate called without an active exception", SIGABRT) after all work is done."""
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_ddp_shards(tmp_path: Path, predict_dir: Path, capfd: pytest.CaptureFixture) -> None:
     """Two CPU processes (gloo) split the 3 images; the closing line sums both processes' counts,
@@ -421,7 +433,7 @@ def test_ddp_shards(tmp_path: Path, predict_dir: Path, capfd: pytest.CaptureFixt
         devices=2,
         strategy="ddp_spawn",
         logger=False,
-        callbacks=[AnomalyPredictionWriter(str(out))],
+        callbacks=[AnomalyPredictionWriter(str(out)), _DestroyProcessGroup()],
         default_root_dir=str(tmp_path),
         enable_progress_bar=False,
         enable_model_summary=False,
