@@ -1,14 +1,14 @@
 """Each method learns something real on the synthetic dataset (short CPU runs through main.py).
 
 One segmenter is trained and scored by SML, then wrapped by FRE without retraining (as the
-README describes); the dual decoder trains on procedurally pasted outliers. The bars sit
-above chance (mIoU 1/13, AUPR = the anomaly pixel fraction, AUROC 0.5) with a margin below the
-spread measured over repeated 30-epoch runs on these 64 tiny images (CPU training is not
-bitwise reproducible across thread schedules): SML mIoU 0.38-0.47, AUPR 2.5-3.6x the fraction,
-AUROC 0.78-0.83; FRE on that segmenter AUPR 1.6-1.8x, AUROC 0.66-0.69 (its 1/4-resolution
-features are only 16x28 here; on the default compare data FRE is the strongest method);
-dual decoder mIoU 0.33-0.35, AUPR 2.2-2.4x, AUROC 0.75-0.76. The full-size figures are in the
-README's results section.
+README describes); the dual decoder is fine-tuned from that segmenter on procedurally pasted
+outliers (as `compare` does). The bars sit above chance (mIoU 1/13, AUPR = the anomaly pixel
+fraction, AUROC 0.5) with a margin below what two runs on these 64 tiny images measured (CPU
+training is not bitwise reproducible across thread counts: 2 threads, then 1): SML mIoU 0.46,
+AUPR 3.7-4.6x the fraction, AUROC 0.83-0.85; FRE on that segmenter AUPR 2.6-3.5x, AUROC 0.76
+(its 1/4-resolution features are only 16x28 here; on the default compare data it has the best
+AUPR); dual decoder mIoU 0.41-0.42, AUPR 4.0x, AUROC 0.82-0.84. The full-size figures are in
+the README's results section.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from datamodules.synthetic import write_synthetic_streethazards
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 30
+DUAL_DECODER_EPOCHS = 12
 
 pytestmark = pytest.mark.slow
 
@@ -69,9 +70,9 @@ def trained_sml(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sml_learns_and_detects_anomalies(trained_sml: Path) -> None:
     result = metrics(trained_sml, "sml")
     fraction = result["anomaly_fraction"]
-    assert result["miou"] > 0.3, result["miou"]
-    assert result["scores"]["sml"]["aupr"] > 1.8 * fraction, (result["scores"]["sml"], fraction)
-    assert result["scores"]["sml"]["auroc"] > 0.72
+    assert result["miou"] > 0.35, result["miou"]
+    assert result["scores"]["sml"]["aupr"] > 2.5 * fraction, (result["scores"]["sml"], fraction)
+    assert result["scores"]["sml"]["auroc"] > 0.77
 
 
 def test_fre_on_the_same_segmenter(root: Path, trained_sml: Path) -> None:
@@ -81,15 +82,18 @@ def test_fre_on_the_same_segmenter(root: Path, trained_sml: Path) -> None:
     result = metrics(out, "fre")
     sml = metrics(out, "sml")
     assert result["miou"] == pytest.approx(sml["miou"], abs=1e-9), "FRE must score the very same network"
-    assert result["scores"]["fre"]["aupr"] > 1.3 * result["anomaly_fraction"], result["scores"]["fre"]
-    assert result["scores"]["fre"]["auroc"] > 0.6
+    assert result["scores"]["fre"]["aupr"] > 1.8 * result["anomaly_fraction"], result["scores"]["fre"]
+    assert result["scores"]["fre"]["auroc"] > 0.68
 
 
-def test_dual_decoder_learns_and_detects_anomalies(root: Path, tmp_path: Path) -> None:
-    assert main.main(["fit", *args(root, tmp_path, "dual_decoder")]) == 0
+def test_dual_decoder_learns_and_detects_anomalies(root: Path, trained_sml: Path, tmp_path: Path) -> None:
+    """Fine-tuned from the SML segmenter, as `compare` does (its init_from)."""
+    checkpoint = trained_sml / "sml" / "run" / "checkpoints" / "last.ckpt"
+    fit = [*args(root, tmp_path, "dual_decoder"), f"--trainer.max_epochs={DUAL_DECODER_EPOCHS}"]
+    assert main.main(["fit", *fit, f"--model.init_args.init_checkpoint={checkpoint}"]) == 0
     assert main.main(["test", *args(root, tmp_path, "dual_decoder"), "--ckpt_path=last"]) == 0
     result = metrics(tmp_path, "dual_decoder")
-    assert result["miou"] > 0.22, result["miou"]
-    assert result["scores"]["dual_decoder"]["aupr"] > 1.5 * result["anomaly_fraction"], result["scores"]
-    assert result["scores"]["dual_decoder"]["auroc"] > 0.65
+    assert result["miou"] > 0.32, result["miou"]
+    assert result["scores"]["dual_decoder"]["aupr"] > 2.5 * result["anomaly_fraction"], result["scores"]
+    assert result["scores"]["dual_decoder"]["auroc"] > 0.75
     assert "sml" in result["scores"]
