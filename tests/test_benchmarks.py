@@ -1,0 +1,116 @@
+"""Smoke runs of the GPU benchmarks on CPU at the tiniest sizes, so they keep working without a GPU.
+
+Each script's ``main()`` runs end to end (a real Trainer, the CLI, the evaluation callback) and
+the figures it prints must be positive finite numbers. One torch thread: with two threads on a
+busy two-core machine, MKL's multi-threaded ``eigh`` in FRE's fit can stall for tens of seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(output: str, first_cells: set[str]) -> list[list[str]]:
+    """The cells of every printed markdown row whose first cell is in ``first_cells``."""
+    rows = []
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] in first_cells:
+            rows.append(cells)
+    return rows
+
+
+def positive_finite(text: str) -> bool:
+    value = float(text.split()[0].rstrip("x"))
+    return math.isfinite(value) and value > 0
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_training_throughput_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    module = load("training_throughput")
+    argv = ["--device=cpu", "--height=64", "--width=96", "--batch-size=2", "--steps=2", "--warmup=1"]
+    returned = module.main([*argv, "--encoder=resnet18", "--threads=1"])
+    output = capsys.readouterr().out
+    rows = table_rows(output, {"sml", "dual_decoder"})
+    assert [(r[0], r[1]) for r in rows] == [
+        ("sml", "fp32"),
+        ("sml", "mixed-cl"),
+        ("dual_decoder", "fp32"),
+        ("dual_decoder", "mixed-cl"),
+    ]
+    for row in rows:
+        assert row[2] == ("32-true" if row[1] == "fp32" else "bf16-mixed")
+        assert all(positive_finite(cell) for cell in row[4:7]), row  # images/s, ms/step, speedup
+    assert all(r["images_per_s"] > 0 for r in returned)
+    assert "torch " + torch.__version__ in output and "FRE trains the same network" in output
+
+
+def test_test_throughput_runs_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    module = load("test_throughput")
+    argv = ["--device=cpu", "--height=64", "--width=96", "--num-test=4", "--num-train=2", "--batch-size=2"]
+    argv += ["--num-workers=0", "--warmup-batches=1", "--skip-batches=1", "--encoder=resnet18", "--threads=1"]
+    argv += [f"--data-root={tmp_path / 'data'}", "--write-workers=1", f"--output-dir={tmp_path / 'out'}"]
+    returned = module.main(argv)
+    output = capsys.readouterr().out
+    rows = table_rows(output, {"sml", "fre", "dual_decoder"})
+    assert [r[0] for r in rows] == ["sml", "fre", "dual_decoder"]
+    for row in rows:
+        assert row[1] == "32-true" and row[2] == "4"
+        assert all(positive_finite(cell) for cell in row[3:8]), row
+        assert "(extrapolated)" in row[6]
+    for row in returned:
+        assert row["images"] == row["num_images_evaluated"] == 4  # the timed test saw the whole split
+    # a second run reuses the dataset instead of writing it again
+    module.main(argv + ["--methods", "sml"])
+    assert "reused" in capsys.readouterr().out
+
+
+def test_mixed_precision_check_runs_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    module = load("mixed_precision_check")
+    overrides = [
+        "--data.batch_size=4",
+        "--data.num_workers=0",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+    ]
+    argv = ["--device=cpu", f"--data-root={tmp_path / 'data'}", "--image-size", "64", "96"]
+    argv += ["--synthetic-counts", "8", "2", "4", "--epochs=1", "--seed-runs=1", "--threads=1"]
+    argv += [f"--output-dir={tmp_path / 'out'}", *(f"--override={o}" for o in overrides)]
+    returned = module.main(argv)
+    output = capsys.readouterr().out
+    metrics = [label for _, label in module.KEYS]
+    # compare's own tables print rows that start with the method too; ours has a metric column
+    rows = [r for r in table_rows(output, {"sml", "fre", "dual_decoder"}) if r[1] in metrics]
+    assert [(r[0], r[1]) for r in rows] == [(m, k) for m in ("sml", "fre", "dual_decoder") for k in metrics]
+    for row in rows:
+        for cell in (row[2], row[3], row[5]):  # fp32, mixed, seed spread
+            value = float(cell)
+            assert math.isfinite(value) and value >= 0, row
+        assert math.isfinite(float(row[4]))  # mixed - fp32
+        if row[1] in ("AUPR", "AUROC"):
+            assert float(row[2]) > 0 and float(row[3]) > 0, row
+    for name in ("fp32", "bf16-mixed", "fp32-seed1"):
+        assert (tmp_path / "out" / name / "comparison.json").is_file()
+    assert {r["method"] for r in returned["fp32"]} == {r["method"] for r in returned["mixed"]}
+    assert "within its own score's seed spread" in output
