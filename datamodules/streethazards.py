@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,6 +343,10 @@ class StreetHazardsDataset(Dataset):
             rng = injection_rng(self.seed, epoch, index)
             image, mask, mask_clean = self.injector(image, mask, rng)
         if self.augment is not None:
+            # albumentations draws from its own generators, which neither seed_everything nor the
+            # workers' seeding reach: unseeded, no two runs trained on the same crops and jitter.
+            generator = augmentation_rng(self.seed, epoch, index)
+            self.augment.set_random_state(generator, random.Random(int(generator.integers(1 << 62))))
             targets = {"image": image, "mask": mask}
             if mask_clean is not None:
                 targets["mask_clean"] = mask_clean
@@ -352,6 +357,12 @@ class StreetHazardsDataset(Dataset):
         if mask_clean is not None:
             item["mask_clean"] = torch.from_numpy(np.ascontiguousarray(mask_clean)).long()
         return item
+
+
+def augmentation_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one sample's augmentation in one epoch, a function of the triple only
+    (independent of workers and order, like ``injection_rng``, from which its stream differs)."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(index), 1]))
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -462,7 +473,8 @@ class StreetHazardsDataModule(L.LightningDataModule):
         scale_range: random scale factors for augmentation.
         injection: paste outlier objects into training images (``mask`` gets 13 there,
             ``mask_clean`` keeps the original label); ``None`` disables.
-        seed: seed of the anomaly injection (per sample and epoch, independent of workers).
+        seed: seed of the training split's shuffling, augmentation and anomaly injection (each a
+            function of seed, epoch and sample, independent of the number of workers).
         predict_dir: folder of images for ``predict``; images of any size.
         predict_image_size: resize for ``predict``; ``None`` keeps each image's size (batch size 1).
         synthetic: size of the embedded dataset written when ``root`` is the default.
@@ -618,8 +630,7 @@ class StreetHazardsDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
         drop_last = len(dataset) > self.batch_size
-        if self.injection is None:
-            return self._loader(dataset, self.batch_size, shuffle=True, drop_last=drop_last)
+        # Shuffling, augmentation and injection all follow (data.seed, epoch, sample).
         sampler = EpochShuffleSampler(len(dataset), seed=self.seed)
         return self._loader(dataset, self.batch_size, shuffle=False, sampler=sampler, drop_last=drop_last)
 
