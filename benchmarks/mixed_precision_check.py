@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import parse_bool, print_device_header  # noqa: E402
 from callbacks.comparison import DEFAULT_METHODS, compare  # noqa: E402
 from datamodules.synthetic import write_synthetic_streethazards  # noqa: E402
 
@@ -88,18 +88,6 @@ def _fmt(value: float, signed: bool = False) -> str:
     return f"{value:+.4f}" if signed else f"{value:.4f}"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def _on_off(text: str) -> bool:
-    if text.lower() not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
-    return text.lower() == "true"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda, cuda:1, cpu (default: cuda)")
@@ -130,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed-runs", type=int, default=1, help="extra fp32 runs with seeds 1..N (default: 1)")
     parser.add_argument(
-        "--channels-last", type=_on_off, default=None, help="true/false (default: true on cuda, false on cpu)"
+        "--channels-last", type=parse_bool, default=None, help="true/false (default: true on cuda, false on cpu)"
     )
     parser.add_argument("--num-workers", type=int, default=None, help="data loader workers (default: configs')")
     parser.add_argument(
@@ -176,13 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows.append(row)
 
     print()
-    print(f"device: {device} ({device_name(device)}), torch {torch.__version__}")
-    if device.type == "cuda":
-        # fp32 convolutions on Ampere+ use TF32 unless cuDNN's flag is off: say which fp32 this is.
-        print(
-            f"fp32 settings: cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
-            f"float32_matmul_precision={torch.get_float32_matmul_precision()}"
-        )
+    print_device_header(device)
     print(
         f"fp32 (32-true) vs {args.precision}, channels_last={args.channels_last}; seed spread: the largest "
         f"|fp32 seed k - fp32| over {args.seed_runs} run(s) with other seeds"

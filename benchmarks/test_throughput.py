@@ -38,7 +38,6 @@ import gc
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import parse_bool, print_device_header, synchronize  # noqa: E402
 from datamodules.streethazards import list_split  # noqa: E402
 from datamodules.synthetic import write_synthetic_streethazards  # noqa: E402
 
@@ -70,16 +70,11 @@ class BatchTimer(L.Callback):
         self.images = 0
         self.total_images = 0
 
-    @staticmethod
-    def _sync(pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-
     def on_test_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if batch_idx == 0 and self.skip == 0:
-            self._sync(pl_module)
+            synchronize(pl_module.device)
             self.start = time.perf_counter()
 
     def on_test_batch_end(
@@ -96,10 +91,10 @@ class BatchTimer(L.Callback):
         if batch_idx >= self.skip:
             self.images += size
         if batch_idx == self.skip - 1:
-            self._sync(pl_module)
+            synchronize(pl_module.device)
             self.start = time.perf_counter()
         if batch_idx == trainer.num_test_batches[0] - 1:
-            self._sync(pl_module)
+            synchronize(pl_module.device)
             self.end = time.perf_counter()
 
     @property
@@ -226,12 +221,6 @@ def run_method(method: str, args: argparse.Namespace, device: torch.device, root
     return row
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
@@ -240,12 +229,6 @@ def _checkpoint(text: str) -> tuple[str, str]:
     if not sep or method not in METHODS or not path:
         raise argparse.ArgumentTypeError(f"expected METHOD=PATH with METHOD one of {', '.join(METHODS)}, got '{text}'")
     return method, path
-
-
-def _on_off(text: str) -> bool:
-    if text.lower() not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
-    return text.lower() == "true"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision", default=None, help="trainer precision (default: bf16-mixed on cuda, 32-true on cpu)"
     )
-    parser.add_argument("--channels-last", type=_on_off, default=None, help="true/false (default: the configs', true)")
+    parser.add_argument(
+        "--channels-last", type=parse_bool, default=None, help="true/false (default: the configs', true)"
+    )
     parser.add_argument("--encoder", default=None, help="smp encoder instead of the configs' (resnet50)")
     parser.add_argument(
         "--checkpoint",
@@ -301,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         raise SystemExit(f"error: --skip-batches {args.skip_batches} leaves no batch of the {num_test} test images")
     tmp = tempfile.TemporaryDirectory() if args.output_dir is None else None
     out = Path(tmp.name if tmp is not None else args.output_dir)
-    print(f"device: {device} ({device_name(device)}), torch {torch.__version__}")
+    print_device_header(device)
     note = f"written in {written:.1f} s, not timed" if written is not None else "reused"
     print(f"data: {root} ({num_test} test images, {note}); batch {args.batch_size}, {args.num_workers} workers")
     rows = []

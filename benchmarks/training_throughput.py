@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import platform
 import sys
 import time
 import warnings
@@ -42,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import print_device_header, synchronize  # noqa: E402
 from datamodules.labels import ANOMALY_INDEX, NUM_CLASSES  # noqa: E402
 from lightning_modules.base import AnomalySegmentationModule  # noqa: E402
 from lightning_modules.dual_decoder import DualDecoderSegmenter  # noqa: E402
@@ -123,16 +123,11 @@ class StepTimer(L.Callback):
         self.elapsed: float | None = None
         self.images = 0
 
-    @staticmethod
-    def _sync(pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if batch_idx == self.warmup:
-            self._sync(pl_module)  # the warm-up steps' kernels must not run into the timed window
+            synchronize(pl_module.device)  # the warm-up steps' kernels must not run into the timed window
             self.start = time.perf_counter()
 
     def on_train_batch_end(
@@ -141,7 +136,7 @@ class StepTimer(L.Callback):
         if batch_idx >= self.warmup:
             self.images += batch["image"].shape[0]
         if batch_idx == self.warmup + self.steps - 1:
-            self._sync(pl_module)
+            synchronize(pl_module.device)
             self.elapsed = time.perf_counter() - self.start
 
 
@@ -207,12 +202,6 @@ def run_configuration(
     }
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
@@ -261,13 +250,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     encoder = (
         args.encoder or yaml.safe_load((REPO / "configs/sml.yaml").read_text())["model"]["init_args"]["encoder_name"]
     )
-    print(f"device: {device} ({device_name(device)}), torch {torch.__version__}")
-    if device.type == "cuda":
-        # fp32 convolutions on Ampere+ use TF32 unless cuDNN's flag is off: say which fp32 this is.
-        print(
-            f"fp32 settings: cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
-            f"float32_matmul_precision={torch.get_float32_matmul_precision()}"
-        )
+    print_device_header(device)
     print(
         f"training steps at {args.height}x{args.width}, batch {args.batch_size}, encoder {encoder} (random init), "
         f"{args.steps} timed steps after {args.warmup} warm-up; random batches already on the device"

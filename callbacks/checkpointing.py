@@ -47,6 +47,33 @@ def load_checkpoint_file(path: str | os.PathLike[str], map_location: Any = "cpu"
     return checkpoint
 
 
+def load_network_weights(
+    net: torch.nn.Module,
+    path: str | os.PathLike[str],
+    what: str,
+    convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    expected: str = "network",
+) -> None:
+    """Load a checkpoint's ``net.*`` weights (prefix removed, optionally ``convert``-ed) into ``net``.
+
+    ``what`` names ``net`` in the error raised when the shapes or keys do not match; ``expected``
+    names the weights the checkpoint should hold, in the error raised when it holds none.
+    """
+    state = load_checkpoint_file(path)["state_dict"]
+    net_state = {key[len("net.") :]: value for key, value in state.items() if key.startswith("net.")}
+    if not net_state:
+        raise CheckpointError(f"checkpoint '{path}' holds no {expected} weights ('net.*')")
+    if convert is not None:
+        net_state = convert(net_state)
+    try:
+        net.load_state_dict(net_state)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"checkpoint '{path}' does not match this {what} (encoder_name / num_classes differ?): "
+            f"{str(error).splitlines()[0][:300]}"
+        ) from None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` with fsync'd atomic writes and safe, clearly failing loads."""
 

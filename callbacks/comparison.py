@@ -168,7 +168,7 @@ def run_method(
     trainer.test(model, datamodule=datamodule, verbose=False)
     test_time = time.perf_counter() - start
     results = evaluation.results["test"]
-    evaluation.release("test")  # the histograms (128 MiB per score) are no longer needed
+    evaluation.release("test")  # the histograms (64 MiB per score) are no longer needed
     return {
         "results": results,
         "curves": evaluation.curves.get("test", {}),

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3PlusDecoder
 from torch import Tensor, nn
 
-from callbacks.checkpointing import CheckpointError, load_checkpoint_file
+from callbacks.checkpointing import load_network_weights
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
 from lightning_modules.base import AnomalySegmentationModule, MethodOutput
 from lightning_modules.baselines import baseline_scores
@@ -165,7 +165,7 @@ def segmenter_to_dual_decoder_state(
         elif key.startswith("model.decoder."):
             rest = key[len("model.decoder.") :]
             out["semantic_decoder." + rest] = value
-            out["contrastive_decoder." + rest] = value.clone()
+            out["contrastive_decoder." + rest] = value  # load_state_dict copies: sharing is fine
         elif key.startswith("model.segmentation_head.0."):
             out["semantic_head." + key[len("model.segmentation_head.0.") :]] = value
     out.update({"contrastive_head." + key: value for key, value in contrastive_head.items()})
@@ -601,19 +601,13 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
 
     def load_network_weights(self, path: str) -> None:
         """Initialize ``net`` from a dual-decoder or a DeepLabV3+ segmenter checkpoint (see ``init_checkpoint``)."""
-        state = load_checkpoint_file(path)["state_dict"]
-        net_state = {key[len("net.") :]: value for key, value in state.items() if key.startswith("net.")}
-        if any(key.startswith("model.") for key in net_state):
-            net_state = segmenter_to_dual_decoder_state(net_state, self.net.contrastive_head.state_dict())
-        if not net_state:
-            raise CheckpointError(f"checkpoint '{path}' holds no network weights ('net.*')")
-        try:
-            self.net.load_state_dict(net_state)
-        except RuntimeError as error:
-            raise CheckpointError(
-                f"checkpoint '{path}' does not match this dual-decoder network (encoder_name / num_classes differ?): "
-                f"{str(error).splitlines()[0]}"
-            ) from None
+
+        def convert(state: dict[str, Tensor]) -> dict[str, Tensor]:
+            if any(key.startswith("model.") for key in state):  # a DeepLabV3+ segmenter's network
+                return segmenter_to_dual_decoder_state(state, self.net.contrastive_head.state_dict())
+            return state
+
+        load_network_weights(self.net, path, "dual-decoder network", convert)
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         if self.hparams.channels_last:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from callbacks.checkpointing import CheckpointError, load_checkpoint_file
+from callbacks.checkpointing import load_network_weights
 from lightning_modules.base import AnomalySegmentationModule, MethodOutput
 from lightning_modules.baselines import baseline_scores
 
@@ -157,17 +157,7 @@ class DeepLabV3PlusSegmenter(AnomalySegmentationModule):
     # ----------------------------------------------------------------- network
     def load_network_weights(self, path: str) -> None:
         """Copy ``net.*`` weights from a checkpoint of any segmenter-based method."""
-        state = load_checkpoint_file(path)["state_dict"]
-        net_state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
-        if not net_state:
-            raise CheckpointError(f"checkpoint '{path}' holds no DeepLabV3+ segmenter weights ('net.*')")
-        try:
-            self.net.load_state_dict(net_state)
-        except RuntimeError as error:
-            raise CheckpointError(
-                f"checkpoint '{path}' does not match this segmenter (encoder_name / num_classes differ?): "
-                f"{str(error).splitlines()[0][:300]}"
-            ) from None
+        load_network_weights(self.net, path, "segmenter", expected="DeepLabV3+ segmenter")
 
     def _prepare(self, image: Tensor) -> Tensor:
         return image.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else image

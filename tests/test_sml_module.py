@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from callbacks.checkpointing import CheckpointError
 from lightning_modules.base import class_weights_from_frequencies
 from lightning_modules.segmenter import (
-    CheckpointError,
     DeepLabV3PlusSegmenter,
     PretrainedWeightsError,
     build_encoder,

@@ -1,0 +1,39 @@
+"""Helpers shared by the GPU benchmark scripts (each script puts the repository on sys.path)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU and the torch thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so that a timer reads finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def parse_bool(text: str) -> bool:
+    """argparse type for ``true``/``false``."""
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+    return text.lower() == "true"
+
+
+def print_device_header(device: torch.device) -> None:
+    """Device, torch version and, on CUDA, which fp32 the fp32 figures are."""
+    print(f"device: {device} ({device_name(device)}), torch {torch.__version__}")
+    if device.type == "cuda":
+        # fp32 convolutions on Ampere+ use TF32 unless cuDNN's flag is off: say which fp32 this is.
+        print(
+            f"fp32 settings: cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
+            f"float32_matmul_precision={torch.get_float32_matmul_precision()}"
+        )
