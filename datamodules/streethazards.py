@@ -21,7 +21,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -427,7 +427,7 @@ class SyntheticConfig:
 
     num_train: int = 200
     num_val: int = 40
-    num_test: int = 60
+    num_test: int = 300
     height: int = 180
     width: int = 320
     seed: int = 0
@@ -543,8 +543,44 @@ class StreetHazardsDataModule(L.LightningDataModule):
     def is_embedded_default(self) -> bool:
         return os.path.normpath(str(self.root)) == os.path.normpath(DEFAULT_ROOT)
 
+    def check_embedded_default(self) -> None:
+        """Refuse an embedded default folder written with other sizes or seed than ``data.synthetic``.
+
+        Without this, changing ``data.synthetic`` (or upgrading to a version with other defaults)
+        would silently keep using the old folder. Folders written before the writer recorded its
+        arguments are checked by their ``.odgt`` record counts and image size.
+        """
+        from datamodules.synthetic import PARAMETERS_FILE, read_synthetic_parameters
+
+        wanted = asdict(self.synthetic)
+        found = read_synthetic_parameters(self.root)
+        if found is None:
+            found = {}
+            for key, split in SPLITS.items():
+                try:
+                    records = json.loads(split.index_path(self.root).read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    return  # not a folder this writer made; list_split reports what is wrong with it
+                found[f"num_{key}"] = len(records)
+                if records and isinstance(records[0], dict):
+                    found.setdefault("height", records[0].get("height"))
+                    found.setdefault("width", records[0].get("width"))
+        differences = [
+            f"{key} {found[key]} (asked: {wanted[key]})" for key in wanted if key in found and found[key] != wanted[key]
+        ]
+        if differences:
+            raise StreetHazardsDataError(
+                f"the embedded synthetic dataset at '{self.root}' was written with {', '.join(differences)}; "
+                f"delete that folder to have it written again with data.synthetic's values, or set "
+                f"data.synthetic to match ({self.root / PARAMETERS_FILE} or its .odgt indexes say what it holds)"
+            )
+
     def prepare_data(self) -> None:
-        if self.is_embedded_default() and not self.root.exists():
+        if not self.is_embedded_default():
+            return
+        if self.root.exists():
+            self.check_embedded_default()
+        else:
             from datamodules.synthetic import write_synthetic_streethazards
 
             cfg = self.synthetic
@@ -578,8 +614,8 @@ class StreetHazardsDataModule(L.LightningDataModule):
         return build_injector(self.injection, seed=self.seed)
 
     def setup(self, stage: str | None = None) -> None:
-        if not self.root.exists():
-            self.prepare_data()  # a process that skipped prepare_data (e.g. a bare setup call)
+        # A process that skipped prepare_data (e.g. a bare setup call) writes or checks here.
+        self.prepare_data()
         if stage in (None, "fit"):
             augment = train_augmentation(self._crop_size(), self.scale_range) if self.train_augment else None
             self.datasets["train"] = self._dataset(

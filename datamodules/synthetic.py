@@ -42,7 +42,7 @@ threshold AUROC well below 0.8); what gives them away is their outline and textu
 
 Command line::
 
-    python -m datamodules.synthetic ROOT --num-train 200 --num-val 40 --num-test 60 \\
+    python -m datamodules.synthetic ROOT --num-train 200 --num-val 40 --num-test 300 \\
         --height 180 --width 320 --seed 0
 """
 
@@ -65,7 +65,14 @@ from PIL import Image
 
 from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, LABEL_OFFSET
 
-__all__ = ["MIN_IMAGE_SIZE", "render_scene", "scene_rng", "write_synthetic_streethazards"]
+__all__ = [
+    "MIN_IMAGE_SIZE",
+    "PARAMETERS_FILE",
+    "read_synthetic_parameters",
+    "render_scene",
+    "scene_rng",
+    "write_synthetic_streethazards",
+]
 
 _CLASS = {name: index for index, name in enumerate(CLASS_NAMES)}
 _UNLABELED = _CLASS["unlabeled"]
@@ -84,6 +91,10 @@ _SIGN = _CLASS["traffic sign"]
 
 #: Smallest (height, width) the writer accepts: below it anomalies cannot keep their shape.
 MIN_IMAGE_SIZE: tuple[int, int] = (64, 96)
+
+#: Written at the dataset root: the arguments that produced it (sizes, seed), so that a folder
+#: written with other arguments than the ones asked for is recognised instead of silently used.
+PARAMETERS_FILE = "synthetic.json"
 
 # Anomaly size band (fraction of the image), kept inside [0.1%, 5%] with a margin so that the
 # dataset satisfies the band whatever rounding the consumer applies.
@@ -951,6 +962,7 @@ def write_synthetic_streethazards(
     ``image_size`` is (height, width). Training images are spread over towns t1..t3 in
     contiguous runs; validation is t4, test is t5 and only the test split has anomalies.
     ``workers`` > 1 renders in that many spawned processes; the bytes written do not depend on it.
+    The arguments are recorded in ``synthetic.json`` at the root (:func:`read_synthetic_parameters`).
     The dataset is written into a hidden sibling folder and renamed to ``root`` when complete,
     so an interrupted run never leaves a partial dataset at ``root``. Raises FileExistsError if
     ``root`` exists and is not an empty folder, ValueError on bad arguments.
@@ -969,7 +981,10 @@ def write_synthetic_streethazards(
     partial = root.parent / f".{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     partial.mkdir()
     try:
-        _write_all(partial, {k: int(v) for k, v in counts.items() if k != "workers"}, size, int(seed), workers)
+        split_counts = {k: int(v) for k, v in counts.items() if k != "workers"}
+        _write_all(partial, split_counts, size, int(seed), workers)
+        parameters = {f"num_{k}": v for k, v in split_counts.items()} | {"height": size[0], "width": size[1]}
+        (partial / PARAMETERS_FILE).write_text(json.dumps(parameters | {"seed": int(seed)}) + "\n", encoding="utf-8")
         if root.exists():
             root.rmdir()  # empty (checked above); the rename needs the name free
         try:
@@ -984,6 +999,19 @@ def write_synthetic_streethazards(
     return root
 
 
+def read_synthetic_parameters(root: str | os.PathLike[str]) -> dict[str, int] | None:
+    """The arguments a dataset at ``root`` was written with, or None if it has no readable record.
+
+    Keys: ``num_train``, ``num_val``, ``num_test``, ``height``, ``width``, ``seed``.
+    """
+    path = Path(root) / PARAMETERS_FILE
+    try:
+        parameters = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return parameters if isinstance(parameters, dict) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m datamodules.synthetic",
@@ -992,7 +1020,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", help="output folder (must not exist, or be empty)")
     parser.add_argument("--num-train", type=int, default=200)
     parser.add_argument("--num-val", type=int, default=40)
-    parser.add_argument("--num-test", type=int, default=60)
+    parser.add_argument("--num-test", type=int, default=300)
     parser.add_argument("--height", type=int, default=180)
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--seed", type=int, default=0)

@@ -8,10 +8,12 @@ busy two-core machine, MKL's multi-threaded ``eigh`` in FRE's fit can stall for 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 from types import ModuleType
 
+import lightning as L
 import pytest
 import torch
 
@@ -114,3 +116,45 @@ def test_mixed_precision_check_runs_on_cpu(tmp_path: Path, capsys: pytest.Captur
         assert (tmp_path / "out" / name / "comparison.json").is_file()
     assert {r["method"] for r in returned["fp32"]} == {r["method"] for r in returned["mixed"]}
     assert "within its own score's seed spread" in output
+
+
+def test_sml_postprocessing_sweep_matches_sklearn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from datamodules.streethazards import StreetHazardsDataModule
+    from datamodules.synthetic import write_synthetic_streethazards
+    from lightning_modules.sml import SMLSegmenter
+
+    root = write_synthetic_streethazards(tmp_path / "data", 3, 0, 0, image_size=(64, 96), seed=0)
+    torch.manual_seed(0)
+    model = SMLSegmenter(encoder_name="resnet18", encoder_weights=None)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "sml.ckpt")  # statistics not fitted: the sweep fits them on --root
+
+    argv = [f"--ckpt={tmp_path / 'sml.ckpt'}", f"--root={root}", f"--heldout-dir={tmp_path / 'heldout'}"]
+    argv += ["--heldout-images=4", "--heldout-size", "64", "96", "--image-size", "64", "96", "--num-workers=0"]
+    argv += ["--boundary-widths", "0", "2", "--dilations", "0", "3", "--threads=1", f"--json={tmp_path / 'sweep.json'}"]
+    report = load("sml_postprocessing_sweep").main(argv)
+    output = capsys.readouterr().out
+    assert len(table_rows(output, {"off", "2"})) == 4 and "selected by aupr" in output
+    assert json.loads((tmp_path / "sweep.json").read_text())["selected"] == report["selected"]
+    heldout = tmp_path / "heldout" / "heldout-seed1-4test-64x96"
+    assert report["eval_root"] == str(heldout) and report["num_images"] == 4
+
+    # Independent: the same statistics and scores, metrics from scikit-learn on every pixel.
+    model.fit_posthoc(StreetHazardsDataModule(root=str(root), image_size=(64, 96), num_workers=0).posthoc_dataloader())
+    data = StreetHazardsDataModule(root=str(heldout), image_size=(64, 96), num_workers=0)
+    data.setup("test")
+    batch = next(iter(torch.utils.data.DataLoader(data.datasets["test"], batch_size=4)))
+    with torch.no_grad():
+        logits = model.eval()(batch["image"])
+    labels = (batch["mask"] == 13).flatten().numpy()
+    for row in report["results"]:
+        width, dilation = row["boundary_width"], row["dilation"]
+        score = model.sml.score(
+            logits, boundary_suppression=width > 0, boundary_width=max(width, 1), boundary_iterations=max(width, 1),
+            dilated_smoothing=dilation > 0, dilation=max(dilation, 1),
+        ).flatten().double().numpy()  # fmt: skip
+        assert row["aupr"] == pytest.approx(average_precision_score(labels, score), abs=1e-3)
+        assert row["auroc"] == pytest.approx(roc_auc_score(labels, score), abs=1e-3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,11 @@ from scipy.ndimage import binary_dilation
 
 from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IGNORE_INDEX, IMAGE_MEAN, IMAGE_STD
 from datamodules.streethazards import (
+    DEFAULT_ROOT,
     StreetHazardsDataError,
     StreetHazardsDataModule,
     StreetHazardsDataset,
+    SyntheticConfig,
     list_split,
     train_augmentation,
 )
@@ -280,3 +283,38 @@ def test_class_pixel_counts_are_exact_and_cached(
     for sample in list_split(release_root, "train"):
         sample.annotation.write_bytes(b"")
     assert dm.class_pixel_counts() == counts
+
+
+def test_embedded_default_written_on_first_use_and_checked_against_data_synthetic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    small = SyntheticConfig(num_train=2, num_val=1, num_test=2, height=64, width=96, seed=0)
+    dm = StreetHazardsDataModule(synthetic=small, num_workers=0, image_size=(64, 96))
+    dm.setup("test")
+    assert len(dm.datasets["test"]) == 2
+    root = tmp_path / DEFAULT_ROOT
+    assert json.loads((root / "synthetic.json").read_text()) == {
+        "num_train": 2, "num_val": 1, "num_test": 2, "height": 64, "width": 96, "seed": 0
+    }  # fmt: skip
+    StreetHazardsDataModule(synthetic=small, num_workers=0).setup("test")  # same values: reused as is
+
+    # Other sizes or another seed than the folder holds: a clear error, never the old data.
+    for change, expected in [({"num_test": 3}, "num_test 2 (asked: 3)"), ({"seed": 4}, "seed 0 (asked: 4)")]:
+        other = SyntheticConfig(**{**small.__dict__, **change})
+        with pytest.raises(StreetHazardsDataError, match=re.escape(expected)) as error:
+            StreetHazardsDataModule(synthetic=other, num_workers=0).setup("test")
+        assert DEFAULT_ROOT in str(error.value) and "delete that folder" in str(error.value)
+
+    # A folder written before the writer recorded its arguments is checked by its indexes.
+    (root / "synthetic.json").unlink()
+    StreetHazardsDataModule(synthetic=small, num_workers=0).setup("test")
+    other = SyntheticConfig(**{**small.__dict__, "num_train": 5, "width": 128})
+    with pytest.raises(StreetHazardsDataError, match=re.escape("num_train 2 (asked: 5), width 96 (asked: 128)")):
+        StreetHazardsDataModule(synthetic=other, num_workers=0).prepare_data()
+
+
+def test_other_roots_are_not_checked_against_data_synthetic(release_root: Path) -> None:
+    dm = make_dm(release_root, synthetic=SyntheticConfig(num_test=1000))
+    dm.setup("test")
+    assert len(dm.datasets["test"]) == 3

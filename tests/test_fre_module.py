@@ -79,3 +79,28 @@ def test_every_mode_scores_at_input_resolution(mode: str) -> None:
 def test_bad_mode_is_rejected() -> None:
     with pytest.raises(ValueError, match="model.mode"):
         tiny(mode="nearest")
+
+
+def test_smoothing_dilation_smooths_the_score_and_keeps_the_raw_one() -> None:
+    plain = tiny()
+    plain.fit_posthoc(batches(2))
+    smoothed = tiny(smoothing_dilation=2)
+    smoothed.load_state_dict(plain.state_dict())
+    image = torch.randn(2, 3, 40, 72, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        raw = plain.eval().segment(image).scores
+        out = smoothed.eval().segment(image).scores
+    assert list(out) == ["fre", "fre_raw", "msp", "maxlogit", "entropy"]
+    torch.testing.assert_close(out["fre_raw"], raw["fre"])
+    # Reference: a 7x7 Gaussian (sigma 1, normalised) with dilation 2 over a replicate-padded map, float64.
+    taps = torch.exp(-((torch.arange(7, dtype=torch.float64) - 3) ** 2) / 2)
+    kernel = torch.outer(taps, taps) / taps.sum() ** 2
+    padded = torch.nn.functional.pad(raw["fre"].double()[:, None], (6, 6, 6, 6), mode="replicate")
+    expected = torch.nn.functional.conv2d(padded, kernel[None, None], dilation=2)[:, 0]
+    torch.testing.assert_close(out["fre"].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [0, -1, True])
+def test_bad_smoothing_dilation_is_rejected(value: object) -> None:
+    with pytest.raises(ValueError, match="model.smoothing_dilation"):
+        tiny(smoothing_dilation=value)

@@ -83,7 +83,7 @@ def test_index_lists_exactly_the_files_written(dataset: Path, split: str) -> Non
 
 def test_nothing_but_the_dataset_is_left_next_to_it(dataset: Path) -> None:
     assert [p.name for p in dataset.parent.iterdir()] == [dataset.name]
-    assert sorted(p.name for p in dataset.iterdir()) == ["test", "train"]
+    assert sorted(p.name for p in dataset.iterdir()) == ["synthetic.json", "test", "train"]
 
 
 @pytest.mark.parametrize("split", ["train", "val", "test"])
