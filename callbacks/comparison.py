@@ -23,7 +23,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +91,12 @@ def _method_args(config: str, name: str, output_dir: Path, overrides: Sequence[s
     ]
 
 
-def _records_of(name: str, results: dict[str, Any], extra: dict[str, Any], with_extra_scores: bool) -> list[dict]:
+def _records_of(name: str, results: dict[str, Any], extra: dict[str, Any], listed: Collection[str] = ()) -> list[dict]:
+    """One record per score of a method's test results; extra scores named in ``listed`` are skipped."""
     records = []
     primary = results["primary_score"]
     for score, values in results["scores"].items():
-        if score != primary and not with_extra_scores:
+        if score != primary and score in listed:
             continue
         record = {
             "method": name if score == primary else f"{score}@{name}",
@@ -313,8 +314,10 @@ def compare(
             "config": methods[name],
             "initialized_from": start_from,
         }
-        # Baselines of a network are listed once, with the method that trained it.
-        method_records = _records_of(name, run["results"], extra, with_extra_scores=source is None)
+        # Baselines of a network (MSP, ...) are listed once, with the method that trained it;
+        # scores only this method computes (e.g. FRE's unsmoothed fre_raw) are listed with it.
+        listed = runs[source]["results"]["scores"] if source else ()
+        method_records = _records_of(name, run["results"], extra, listed)
         records.extend(method_records)
         for record in method_records:
             if record["score"] in run["curves"]:
