@@ -20,7 +20,8 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -392,6 +394,44 @@ class EpochShuffleSampler(Sampler[int]):
         yield from (offset + i for i in torch.randperm(self.num_samples, generator=generator).tolist())
 
 
+class _SkipFirstBatches:
+    """Index batches of ``loader`` whose next iteration starts ``loader.skip_batches`` batches in."""
+
+    def __init__(self, batches: Iterable[list[int]], loader: ResumableDataLoader) -> None:
+        self.batches, self.loader = batches, loader
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.loader.skip_batches = self.loader.skip_batches, 0
+        batches = iter(self.batches)
+        for _ in range(skip):
+            if next(batches, None) is None:
+                return
+        yield from batches
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose first iteration starts ``skip_batches`` batches in (later ones at 0).
+
+    The skipped batches are drawn as index lists and dropped, so their images are never loaded.
+    It skips after sampling and batching, so it also holds when Lightning puts its distributed
+    sampler in (it re-creates the loader with the same ``skip_batches``): each process skips its
+    own first batches.
+    """
+
+    def __init__(self, *args: Any, skip_batches: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_batches = int(skip_batches)
+
+    @property
+    def _index_sampler(self) -> Any:
+        # What DataLoader iterators draw index batches from (read when an iterator is created).
+        batches = super()._index_sampler
+        return _SkipFirstBatches(batches, self) if self.skip_batches else batches
+
+
 class ImageFolderDataset(Dataset):
     """Images of any size from a folder, for ``predict``; no labels."""
 
@@ -523,6 +563,7 @@ class StreetHazardsDataModule(L.LightningDataModule):
         self.predict_image_size = predict_image_size
         self.synthetic = synthetic or SyntheticConfig()
         self.datasets: dict[str, Dataset] = {}
+        self._resume_at: dict[str, int] | None = None
 
     # -- what models and callbacks need to know
     @property
@@ -642,16 +683,18 @@ class StreetHazardsDataModule(L.LightningDataModule):
         return image.shape[0], image.shape[1]
 
     # -- loaders
+    def _loader_options(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+            # Its own generator: creating an iterator then draws nothing from the global RNG
+            # (dropout's), which a resumed run restores from the checkpoint.
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
+
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, **kwargs: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **self._loader_options(), **kwargs)
 
     def _eval_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
         """Under DDP each sample is evaluated exactly once: Lightning's default distributed sampler
@@ -668,7 +711,35 @@ class StreetHazardsDataModule(L.LightningDataModule):
         drop_last = len(dataset) > self.batch_size
         # Shuffling, augmentation and injection all follow (data.seed, epoch, sample).
         sampler = EpochShuffleSampler(len(dataset), seed=self.seed)
-        return self._loader(dataset, self.batch_size, shuffle=False, sampler=sampler, drop_last=drop_last)
+        skip = 0
+        if self._resume_at is not None:
+            # Lightning creates the resumed epoch's iterator before it calls set_epoch.
+            sampler.set_epoch(self._resume_at["epoch"])
+            skip, self._resume_at = self._resume_at["batches_done"], None
+            if skip:
+                # Lightning cannot see that this loader resumes within the epoch.
+                warnings.filterwarnings("ignore", message="You.re resuming from a checkpoint that ended before")
+        return ResumableDataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last, skip_batches=skip,
+            **self._loader_options(),
+        )  # fmt: skip
+
+    # -- where training stood, in every checkpoint, so that a resumed fit sees the batches of an
+    # uninterrupted one. Lightning restores a datamodule's state before it builds the training
+    # loader; its own stateful-loader path restores after, which is too late whenever
+    # configure_optimizers asks for trainer.estimated_stepping_batches (that builds the loader).
+    def state_dict(self) -> dict[str, int]:
+        """``epoch`` and ``batches_done`` (batches of it whose training step ran) of a running fit."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        epoch, done = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:  # the epoch is over: resume at the next one
+            epoch, done = epoch + 1, 0
+        return {"epoch": int(epoch), "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = dict(state) if state else None
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.datasets["val"])

@@ -14,11 +14,13 @@ loop, sums the accumulators across processes and records that the fit happened.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -61,6 +63,15 @@ def class_weights_from_frequencies(counts: Tensor, scheme: str) -> Tensor:
     else:
         raise ValueError(f"unknown class weighting '{scheme}'; expected 'none', 'enet' or 'inverse_sqrt'")
     return torch.where(counts > 0, weights, torch.zeros_like(weights)).float()
+
+
+def batch_seed(epoch: int, batch_idx: int, rank: int, seed: int | None = None) -> int:
+    """A 63-bit seed for one training batch of one process; ``seed`` defaults to the run's
+    ``seed_everything`` seed (``PL_GLOBAL_SEED``), or 0."""
+    if seed is None:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    words = np.random.SeedSequence([int(seed) & (2**64 - 1), int(epoch), int(batch_idx), int(rank)]).generate_state(2)
+    return int(words[0]) | (int(words[1]) & 0x7FFFFFFF) << 32
 
 
 class AnomalySegmentationModule(L.LightningModule):
@@ -120,6 +131,18 @@ class AnomalySegmentationModule(L.LightningModule):
             counts = torch.as_tensor(self.trainer.datamodule.class_pixel_counts(), dtype=torch.float64)
             self.class_weights.copy_(class_weights_from_frequencies(counts, self.hparams.class_weighting))
             log.info("class weights (%s): %s", self.hparams.class_weighting, self.class_weights.tolist())
+
+    def training_batch_seed(self, batch: Any, batch_idx: int) -> int:
+        """Seed of the global RNG (dropout's) for one training batch of this process.
+
+        A function of the run's seed, the epoch, the batch and the process rank, so that a run
+        resumed from a checkpoint draws exactly what the uninterrupted run drew, with no RNG
+        state to store or to gather across processes. Override to seed differently.
+        """
+        return batch_seed(self.current_epoch, batch_idx, self.global_rank)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        torch.manual_seed(self.training_batch_seed(batch, batch_idx))
 
     def segmentation_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """Cross-entropy in float32 (also under mixed precision), optional class weights, ignore 255."""

@@ -79,8 +79,9 @@ class DumpBuffers(L.Callback):
 class EpochStatistics(L.Callback):
     """Test helper (loaded by class path) for the dual decoder's epoch statistics, one file per process.
 
-    Before each training batch it seeds the global RNG from the epoch and the batch's sample names,
-    so that dropout draws the same masks for the same batch in any run, and records the names.
+    It makes the module seed the global RNG of each training batch from the epoch and the batch's
+    sample names (instead of the batch index and rank), so that dropout draws the same masks for the
+    same batch in any run, and records the names.
     It records this process's own accumulators at the start of training (restored from a
     checkpoint or zero), after every training batch, and at each epoch end before the module sums
     them across processes (callbacks run first); once the module has turned them into the next
@@ -107,7 +108,12 @@ class EpochStatistics(L.Callback):
         while len(self.names) <= epoch:
             self.names.append([])
         self.names[epoch].append(list(batch["name"]))
-        torch.manual_seed(zlib.crc32(json.dumps([epoch, list(batch["name"])]).encode()))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        def seed_by_names(batch: Any, batch_idx: int) -> int:
+            return zlib.crc32(json.dumps([pl_module.current_epoch, list(batch["name"])]).encode())
+
+        pl_module.training_batch_seed = seed_by_names
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.restored = self._buffers(pl_module, self.ACCUMULATORS)
@@ -392,6 +398,36 @@ def test_signal_in_a_batch_saves_last_at_that_step_and_the_same_command_continue
     assert load(last)["global_step"] == 3 * STEPS_PER_EPOCH
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The weights at the end of a 3-epoch fit that nothing interrupted."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert main.main(["fit", *cli_args(data_root, out), "--trainer.max_epochs=3"]) == 0
+    return load(checkpoint_dir(out) / "last.ckpt")["state_dict"]
+
+
+@pytest.mark.parametrize(
+    ("workers", "step"), [(0, 3), (2, 3), (2, 2)], ids=["mid-epoch", "mid-epoch-2-workers", "epoch-end-2-workers"]
+)
+def test_preempted_and_resumed_fit_ends_with_the_weights_of_an_uninterrupted_one(
+    workers: int, step: int, data_root: Path, tmp_path: Path, uninterrupted: dict[str, torch.Tensor]
+) -> None:
+    """Stopped by SIGTERM after global step ``step`` (3: within the second epoch; 2: at the end of the
+    first), then resumed: the resumed run trains on the batches the uninterrupted one trained on (the
+    resumed epoch's own shuffle and augmentation, without the batches already done) with the same
+    dropout draws, so the final weights are bitwise equal. The number of loader workers changes nothing."""
+    out = tmp_path / "preempted"
+    command = ["fit", *cli_args(data_root, out), "--trainer.max_epochs=3", f"--data.num_workers={workers}"]
+    stop = callbacks_arg(("SignalAt", {"step": step, "signum": int(signal.SIGTERM)}))
+    assert main.main([*command, "--ckpt_path=last", stop]) == 128 + signal.SIGTERM
+    assert load(checkpoint_dir(out) / "last.ckpt")["global_step"] == step
+    assert main.main([*command, "--ckpt_path=last"]) == 0
+    resumed = load(checkpoint_dir(out) / "last.ckpt")["state_dict"]
+    assert resumed.keys() == uninterrupted.keys()
+    different = [name for name in uninterrupted if not torch.equal(resumed[name], uninterrupted[name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
 @pytest.mark.slow
 def test_ddp_signal_on_one_process_stops_both_at_the_same_step(data_root: Path, tmp_path: Path) -> None:
     """2 gloo processes; only rank 1 gets SIGUSR1. Both agree to save at that batch and stop (a
@@ -645,13 +681,13 @@ def test_ddp_dual_decoder_checkpoint_within_an_epoch_holds_all_processes_sums(da
     for name in EpochStatistics.ACCUMULATORS:
         assert torch.equal(resumed[0]["restored"][name], saved[name]), name
         assert not resumed[1]["restored"][name].any(), name
-    # Lightning restarts the epoch's loader: each process runs the one step left on its shard's
-    # first batch again. Embedding counts (every known pixel, whatever the weights) of the
-    # epoch: the checkpoint's plus those of that batch, on both processes.
-    assert [r["names"] for r in resumed] == [[r["names"][0][:1]] for r in ranks]
+    # Each process runs the one step left, on its own shard's third batch (the loader skips the
+    # two already done). Embedding counts (every known pixel, whatever the weights) of the epoch
+    # are then those of the uninterrupted run.
+    assert [r["names"] for r in resumed] == [[r["names"][0][2:]] for r in ranks]
     counts = [r["accumulators"][0]["emb_counts"] for r in resumed]
-    first_steps = [r["steps"][0]["emb_counts"] for r in ranks]
-    assert torch.equal(counts[0] + counts[1], saved["emb_counts"] + first_steps[0] + first_steps[1])
+    uninterrupted = [r["accumulators"][0]["emb_counts"] for r in ranks]
+    assert torch.equal(counts[0] + counts[1], uninterrupted[0] + uninterrupted[1])
     for name in EpochStatistics.STATISTICS:
         assert torch.equal(resumed[0]["statistics"][0][name], resumed[1]["statistics"][0][name]), name
 
