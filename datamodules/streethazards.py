@@ -688,8 +688,8 @@ class StreetHazardsDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "pin_memory": torch.cuda.is_available(),
             "persistent_workers": self.num_workers > 0,
-            # Its own generator: creating an iterator then draws nothing from the global RNG
-            # (dropout's), which a resumed run restores from the checkpoint.
+            # Its own generator: creating an iterator draws nothing from the global RNG, so the
+            # workers' seeds do not depend on what the model drew before (nor the reverse).
             "generator": torch.Generator().manual_seed(self.seed),
         }
 

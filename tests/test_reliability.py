@@ -398,6 +398,16 @@ def test_signal_in_a_batch_saves_last_at_that_step_and_the_same_command_continue
     assert load(last)["global_step"] == 3 * STEPS_PER_EPOCH
 
 
+def test_batch_seed_is_a_function_of_seed_epoch_batch_and_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_modules.base import batch_seed
+
+    seeds = {batch_seed(e, b, r, s) for e in range(3) for b in range(3) for r in range(2) for s in (0, 1)}
+    assert len(seeds) == 36 and all(0 <= seed < 2**63 for seed in seeds)
+    assert batch_seed(1, 2, 0, 5) == batch_seed(1, 2, 0, 5)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    assert batch_seed(1, 2, 0) == batch_seed(1, 2, 0, 5)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """The weights at the end of a 3-epoch fit that nothing interrupted."""
