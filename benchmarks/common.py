@@ -15,6 +15,17 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
+def select_device(name: str, threads: int | None = None) -> torch.device:
+    """The device named on the command line (and the torch CPU thread count, when given); exits
+    with a one-line error when CUDA is asked for and absent."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available (use --device cpu)")
+    return device
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued kernels, so that a timer reads finished work."""
     if device.type == "cuda":

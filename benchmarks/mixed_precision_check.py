@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import parse_bool, print_device_header  # noqa: E402
+from benchmarks.common import parse_bool, print_device_header, select_device  # noqa: E402
 from callbacks.comparison import DEFAULT_METHODS, compare  # noqa: E402
 from datamodules.synthetic import write_synthetic_streethazards  # noqa: E402
 
@@ -134,11 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run fp32, mixed precision and the seed runs; print the table; return the records and differences."""
     args = build_parser().parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available (use --device cpu)")
+    device = select_device(args.device, args.threads)
     if args.channels_last is None:
         args.channels_last = device.type == "cuda"
     if args.data_root is not None and not Path(args.data_root).exists():

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import select_device  # noqa: E402
 from callbacks.checkpointing import CheckpointError, load_checkpoint_file  # noqa: E402
 from callbacks.evaluation import resize_to  # noqa: E402
 from callbacks.io import atomic_write_json  # noqa: E402
@@ -87,11 +88,10 @@ def postprocessing(boundary_width: int, dilation: int) -> dict[str, object]:
 
 def config_lines(boundary_width: int, dilation: int) -> list[str]:
     """The ``model.init_args`` lines that select this grid point."""
-    args = postprocessing(boundary_width, dilation)
-    lines = [f"boundary_suppression: {str(args['boundary_suppression']).lower()}"]
+    lines = [f"boundary_suppression: {str(boundary_width > 0).lower()}"]
     if boundary_width > 0:
         lines += [f"boundary_width: {boundary_width}", f"boundary_iterations: {boundary_width}"]
-    lines.append(f"dilated_smoothing: {str(args['dilated_smoothing']).lower()}")
+    lines.append(f"dilated_smoothing: {str(dilation > 0).lower()}")
     if dilation > 0:
         lines.append(f"dilation: {dilation}")
     return lines
@@ -127,9 +127,7 @@ def eval_root(args: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = select_device(args.device, args.threads)
     model = load_segmenter(args.ckpt).to(device)
     data_kwargs = {
         "image_size": tuple(args.image_size),

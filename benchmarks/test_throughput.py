@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import parse_bool, print_device_header, synchronize  # noqa: E402
+from benchmarks.common import parse_bool, print_device_header, select_device, synchronize  # noqa: E402
 from datamodules.streethazards import list_split  # noqa: E402
 from datamodules.synthetic import write_synthetic_streethazards  # noqa: E402
 
@@ -271,11 +271,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Time ``trainer.test`` of every method, print the table and return its rows."""
     args = build_parser().parse_args(argv)
     args.checkpoints = dict(args.checkpoints)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available (use --device cpu)")
+    device = select_device(args.device, args.threads)
     if args.precision is None:
         args.precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     if args.warmup_batches < 1 or args.skip_batches < 0 or args.batch_size < 1:

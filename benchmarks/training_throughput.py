@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import print_device_header, synchronize  # noqa: E402
+from benchmarks.common import print_device_header, select_device, synchronize  # noqa: E402
 from datamodules.labels import ANOMALY_INDEX, NUM_CLASSES  # noqa: E402
 from lightning_modules.base import AnomalySegmentationModule  # noqa: E402
 from lightning_modules.dual_decoder import DualDecoderSegmenter  # noqa: E402
@@ -241,11 +241,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1:
         raise SystemExit("error: --steps and --batch-size must be >= 1, --warmup >= 0")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available (use --device cpu)")
+    device = select_device(args.device, args.threads)
 
     encoder = (
         args.encoder or yaml.safe_load((REPO / "configs/sml.yaml").read_text())["model"]["init_args"]["encoder_name"]

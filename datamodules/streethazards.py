@@ -16,6 +16,7 @@ by one (0 building ... 11 traffic sign) while the anomaly stays 13, so the data 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -404,12 +405,10 @@ class _SkipFirstBatches:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[list[int]]:
+        # A generator: the skip is taken when the first batch is drawn, not when iter() is called
+        # (with workers, an iterator made and dropped before training would otherwise take it).
         skip, self.loader.skip_batches = self.loader.skip_batches, 0
-        batches = iter(self.batches)
-        for _ in range(skip):
-            if next(batches, None) is None:
-                return
-        yield from batches
+        yield from itertools.islice(self.batches, skip, None)
 
 
 class ResumableDataLoader(DataLoader):
