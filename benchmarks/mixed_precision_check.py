@@ -1,6 +1,6 @@
 """Mixed precision against fp32: a short ``fit`` and ``test`` of every method in both, metrics side by side.
 
-Runs ``python main.py compare``'s machinery (``callbacks.comparison.compare``: the demo configs,
+Runs ``python main.py compare``'s machinery (``main.compare``: the demo configs,
 SML segmenter trained, FRE scoring that network, the dual decoder fine-tuned from it, every
 method tested with the evaluation callback) once in fp32 (``32-true``) and once in
 ``--precision`` (``bf16-mixed`` by default), with the same seed and data, into
@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import parse_bool, print_device_header, select_device  # noqa: E402
-from callbacks.comparison import DEFAULT_METHODS, compare  # noqa: E402
 from datamodules.synthetic import write_synthetic_streethazards  # noqa: E402
+from main import compare  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = (("aupr", "AUPR"), ("auroc", "AUROC"), ("fpr95", "FPR95"), ("miou", "mIoU"))
@@ -73,12 +73,11 @@ def run(name: str, precision: str, seed: int | None, args: argparse.Namespace, d
     print(f"=== {name}: precision {precision}" + (f", seed {seed}" if seed is not None else ""), flush=True)
     return compare(
         str(Path(args.output_dir) / name),
-        {m: str(REPO / config) for m, config in DEFAULT_METHODS.items()},
-        {"fre": "sml"},
-        overrides,
+        overrides=overrides,
         reuse_checkpoints=False,  # every run trains afresh: a stale run of other settings must not count
         num_examples=1,
-        init_from={"dual_decoder": "sml"},
+        base_config=str(REPO / "configs" / "demo.yaml"),
+        method_config_dir=str(REPO / "configs" / "method" / "demo"),
     )
 
 

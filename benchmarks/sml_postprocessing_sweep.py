@@ -34,13 +34,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import select_device  # noqa: E402
-from callbacks.checkpointing import CheckpointError, load_checkpoint_file  # noqa: E402
 from callbacks.evaluation import resize_to  # noqa: E402
-from callbacks.io import atomic_write_json  # noqa: E402
 from callbacks.metrics import AnomalyMetrics  # noqa: E402
+from datamodules.io import atomic_write_json  # noqa: E402
 from datamodules.labels import NUM_CLASSES  # noqa: E402
 from datamodules.streethazards import DEFAULT_ROOT, StreetHazardsDataError, StreetHazardsDataModule  # noqa: E402
 from datamodules.synthetic import write_synthetic_streethazards  # noqa: E402
+from lightning_modules.checkpoints import CheckpointError, load_checkpoint_file  # noqa: E402
+from lightning_modules.scoring.sml import sml_anomaly_score  # noqa: E402
 from lightning_modules.sml import SMLSegmenter  # noqa: E402
 
 PUBLISHED = (4, 6)  # (boundary width, dilation) of the SML paper
@@ -87,7 +88,7 @@ def postprocessing(boundary_width: int, dilation: int) -> dict[str, object]:
 
 
 def config_lines(boundary_width: int, dilation: int) -> list[str]:
-    """The ``model.init_args`` lines that select this grid point."""
+    """The lines of the ``model.init_args.sml`` block that select this grid point."""
     lines = [f"boundary_suppression: {str(boundary_width > 0).lower()}"]
     if boundary_width > 0:
         lines += [f"boundary_width: {boundary_width}", f"boundary_iterations: {boundary_width}"]
@@ -154,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             image, mask = batch["image"].to(device), batch["mask"].to(device)
             logits = model(image)
             for point, metric in metrics.items():
-                score = model.sml.score(logits, **postprocessing(*point))
+                means, stds = model.sml.means.float(), model.sml.stds.float()
+                score = sml_anomaly_score(logits, means, stds, **postprocessing(*point))
                 metric.update(resize_to(score, mask.shape[-2:]), mask)
     results = []
     for (width, dilation), metric in metrics.items():
@@ -182,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         )
     print(f"\nselected by {args.select}: boundary width {best['boundary_width']}, dilation {best['dilation']}")
     print(
-        "model.init_args:\n" + "\n".join(f"  {line}" for line in config_lines(best["boundary_width"], best["dilation"]))
+        "model.init_args:\n  sml:\n"
+        + "\n".join(f"    {line}" for line in config_lines(best["boundary_width"], best["dilation"]))
     )
     report = {
         "checkpoint": str(args.ckpt),

@@ -1,7 +1,8 @@
 """Test throughput of each method (images/s) at 720x1280, data loading and evaluation included.
 
 What is timed is one ``trainer.test`` as ``main.py test`` runs it: the same CLI builds the
-method from its real-data config (``configs/<method>.yaml``) with the trainer preset
+method from its real-data configs
+(``configs/streethazards.yaml`` + ``configs/method/<method>.yaml``) with the trainer preset
 (``configs/trainer/gpu.yaml`` or ``cpu.yaml``), so the callbacks are the command's own
 (``AnomalyEvaluation`` with every score's metrics and ``metrics.json``, the heatmap logger with
 TensorBoard), and the ``StreetHazardsDataModule`` reads and decodes PNGs with ``--num-workers``
@@ -137,7 +138,8 @@ def cli_args(method: str, args: argparse.Namespace, device: torch.device, root: 
     }
     preset = "gpu" if device.type == "cuda" else "cpu"
     argv = [
-        f"--config={REPO / 'configs' / f'{method}.yaml'}",
+        f"--config={REPO / 'configs' / 'streethazards.yaml'}",
+        f"--config={REPO / 'configs' / 'method' / f'{method}.yaml'}",
         f"--config={REPO / 'configs' / 'trainer' / f'{preset}.yaml'}",
         f"--trainer.precision={args.precision}",
         f"--trainer.default_root_dir={out / method}",

@@ -1,7 +1,7 @@
 """Training throughput (images/s) in fp32 and in mixed precision + channels_last, through a real Trainer.
 
-Each configuration builds the method from its real-data config (``configs/sml.yaml``,
-``configs/dual_decoder.yaml``: ResNet-50 encoder, optimizer, scheduler, class weighting) with
+Each configuration builds the method from its real-data config (``configs/method/sml.yaml``,
+``configs/method/dual_decoder.yaml``: ResNet-50 encoder, optimizer, scheduler, class weighting) with
 ``encoder_weights=None`` so nothing is downloaded, and trains it for ``--warmup + --steps``
 steps with ``lightning.Trainer``: the precision plugin, the gradient path and the methods'
 ``channels_last`` option are what ``main.py fit`` uses. Batches are random tensors already on
@@ -44,13 +44,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import print_device_header, select_device, synchronize  # noqa: E402
 from datamodules.labels import ANOMALY_INDEX, NUM_CLASSES  # noqa: E402
 from lightning_modules.base import AnomalySegmentationModule  # noqa: E402
-from lightning_modules.dual_decoder import DualDecoderSegmenter  # noqa: E402
-from lightning_modules.sml import SMLSegmenter  # noqa: E402
+from lightning_modules.registry import discover_methods, methods  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+discover_methods()
+# Every registered method that trains a network of its own (FRE scores SML's), with its real-data config.
 METHODS: dict[str, tuple[type[AnomalySegmentationModule], str]] = {
-    "sml": (SMLSegmenter, "configs/sml.yaml"),
-    "dual_decoder": (DualDecoderSegmenter, "configs/dual_decoder.yaml"),
+    name: (entry.cls, str(entry.config(demo=False).relative_to(REPO)))
+    for name, entry in methods().items()
+    if entry.scores_network_of is None
 }
 CONFIGS = ("fp32", "fp32-cl", "mixed", "mixed-cl")
 
@@ -217,7 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoder", default=None, help="smp encoder instead of the configs' (resnet50), e.g. resnet18 for a smoke run"
     )
     parser.add_argument(
-        "--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS), help="default: sml dual_decoder"
+        "--methods",
+        nargs="+",
+        choices=sorted(METHODS),
+        default=list(METHODS),
+        help="default: every method that trains a network",
     )
     parser.add_argument(
         "--configs",
@@ -244,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     device = select_device(args.device, args.threads)
 
     encoder = (
-        args.encoder or yaml.safe_load((REPO / "configs/sml.yaml").read_text())["model"]["init_args"]["encoder_name"]
+        args.encoder
+        or yaml.safe_load((REPO / "configs/method/sml.yaml").read_text())["model"]["init_args"]["encoder_name"]
     )
     print_device_header(device)
     print(

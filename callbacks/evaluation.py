@@ -41,8 +41,8 @@ from callbacks.functional import (
     bin_lower_edge,
     float_to_key,
 )
-from callbacks.io import atomic_write_json
 from callbacks.metrics import AnomalyMetrics, SegmentationMetrics
+from datamodules.io import atomic_write_json
 from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IGNORE_INDEX
 
 __all__ = [
@@ -564,6 +564,7 @@ class AnomalyEvaluation(L.Callback):
         self.results[stage] = {
             "method": str(getattr(pl_module, "method_name", type(pl_module).__name__)),
             "primary_score": state.primary,
+            "scoring_options": pl_module.scoring_options() if hasattr(pl_module, "scoring_options") else {},
             "split": prefix,
             "num_images": counts["images"],
             "num_classes": state.num_classes,
@@ -598,6 +599,7 @@ class AnomalyEvaluation(L.Callback):
             "num_images": results["num_images"],
             "num_classes": results["num_classes"],
             "class_names": results["class_names"],
+            "scoring_options": results["scoring_options"],
             "checkpoint": trainer.ckpt_path,
             # Headline numbers: the primary score under both protocols, and closed-set mIoU.
             **{key: primary.get(key, math.nan) for key in PRIMARY_KEYS},

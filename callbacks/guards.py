@@ -15,10 +15,8 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
-import os
 import re
 import signal
 import threading
@@ -35,24 +33,18 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from callbacks.checkpointing import CheckpointError, load_checkpoint_file
-
 __all__ = [
-    "ConfigurationError",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "PreemptionCheckpoint",
     "TrainingPreempted",
-    "check_checkpoint_class",
-    "check_checkpoint_matches",
     "checkpoint_dir",
-    "read_checkpoint",
     "repair_resume_after_last_batch",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Temporary files of ``callbacks.io.atomic_open`` for a checkpoint: ``.<name>.ckpt.<12 hex>.tmp``.
+#: Temporary files of ``datamodules.io.atomic_open`` for a checkpoint: ``.<name>.ckpt.<12 hex>.tmp``.
 _TEMP_CHECKPOINT = re.compile(r"^\..+\.ckpt\.[0-9a-f]{12}\.tmp$")
 
 
@@ -366,115 +358,3 @@ class NonFiniteLossGuard(L.Callback):
 
 def _format_value(value: float) -> str:
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else f"{value:.6g}"
-
-
-# --------------------------------------------------------------------------------------- bad input
-class ConfigurationError(ValueError):
-    """A method or datamodule rejected its configuration (raised while the CLI builds them)."""
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint at ``path``, memory-mapped (tensors are read only when touched).
-
-    ``weights_only=True``; a missing, truncated or unsafe file raises
-    :class:`~callbacks.checkpointing.CheckpointError` naming it (the message of
-    :func:`~callbacks.checkpointing.load_checkpoint_file`).
-    """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        # Not a readable zip checkpoint: a legacy file loads without mmap, anything else gets
-        # the usual one-line CheckpointError.
-        return load_checkpoint_file(path)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"checkpoint '{path}' is not a Lightning checkpoint (no 'state_dict')")
-    return checkpoint
-
-
-def _written_by(checkpoint: Mapping[str, Any]) -> str:
-    """The class path of the module that wrote ``checkpoint`` (LightningCLI records it), or ''."""
-    hparams = checkpoint.get("hyper_parameters") or {}
-    return str(hparams.get("_class_path", "")) if isinstance(hparams, Mapping) else ""
-
-
-def _import_class(class_path: str) -> type | None:
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except Exception:  # a class that no longer exists only makes the message shorter
-        return None
-
-
-def _describe(class_path: str) -> str:
-    """``sml (lightning_modules.sml.SMLSegmenter)`` for a class path."""
-    name = getattr(_import_class(class_path), "method_name", class_path.rpartition(".")[2])
-    return f"{name} ({class_path})"
-
-
-def check_checkpoint_class(path: str | os.PathLike[str], class_path: str | None) -> None:
-    """Raise :class:`CheckpointError` if the checkpoint at ``path`` was written by a class other than ``class_path``.
-
-    Given ``--ckpt_path <file>``, LightningCLI rebuilds the model from the hyperparameters stored
-    in the checkpoint, class included; a config for another method would then silently run the
-    checkpoint's method instead (results written under the wrong name). Checkpoints without a
-    recorded class (written outside the CLI) pass; :func:`check_checkpoint_matches` still checks
-    their tensors.
-    """
-    checkpoint = read_checkpoint(path)
-    written_by = _written_by(checkpoint)
-    if not class_path or not written_by or written_by == class_path:
-        return
-    hint = ""
-    # Segmenter-based methods (SML, FRE) can score the DeepLabV3+ ('net.*') of another one.
-    if hasattr(_import_class(class_path), "load_network_weights") and any(
-        key.startswith("net.") for key in checkpoint["state_dict"]
-    ):
-        hint = (
-            "; to score the network it holds with this method, pass it as "
-            "--model.init_args.init_checkpoint instead of --ckpt_path"
-        )
-    raise CheckpointError(
-        f"checkpoint '{path}' was written by method {_describe(written_by)}, not {_describe(class_path)}: "
-        f"use the config of the method that wrote it{hint}"
-    )
-
-
-def check_checkpoint_matches(path: str | os.PathLike[str], model: torch.nn.Module) -> None:
-    """Raise :class:`CheckpointError` unless ``path`` holds a state dict that fits ``model``.
-
-    Lightning restores a checkpoint with a strict ``load_state_dict``; a checkpoint of another
-    method or network would end in a long ``RuntimeError`` after the run has been set up. This
-    compares the key sets and the parameter shapes (buffers may be resized by the method's own
-    loading code, e.g. FRE's subspace bases) first. The file is memory-mapped, so only the
-    tensor headers are read.
-    """
-    checkpoint = read_checkpoint(path)
-    class_path = f"{type(model).__module__}.{type(model).__qualname__}"
-    written_by = _written_by(checkpoint)
-    if written_by and written_by != class_path:
-        check_checkpoint_class(path, class_path)
-    state = checkpoint["state_dict"]
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    parameters = dict(model.named_parameters())
-    differ = [
-        (key, list(state[key].shape), list(p.shape))
-        for key, p in parameters.items()
-        if key in state and tuple(state[key].shape) != tuple(p.shape)
-    ]
-    if not (missing or unexpected or differ):
-        return
-    found = []
-    if missing:
-        found.append(f"{len(missing)} tensors missing (e.g. '{missing[0]}')")
-    if unexpected:
-        found.append(f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')")
-    if differ:
-        key, theirs, ours = differ[0]
-        found.append(f"{len(differ)} of another shape (e.g. '{key}': {theirs} in the checkpoint, {ours} here)")
-    raise CheckpointError(
-        f"checkpoint '{path}' does not fit this {_describe(class_path)} model: {'; '.join(found)}. "
-        "Were encoder_name, num_classes (data.ignore_unlabeled) or the method's options different in the run "
-        "that wrote it?"
-    )

@@ -38,8 +38,8 @@ from PIL import Image
 from torch import Tensor
 
 from callbacks.evaluation import resize_to
-from callbacks.io import atomic_open
 from callbacks.visualization import apply_colormap, colormap_lut, denormalize, label_lut
+from datamodules.io import atomic_open
 from datamodules.labels import ANOMALY_INDEX, PALETTE
 
 __all__ = [

@@ -3,12 +3,16 @@
 A method answers two questions for a batch of normalized images: closed-set logits
 ``[B, K, h, w]`` and one or more anomaly scores ``[B, h, w]`` (higher = more anomalous).
 Callbacks only talk to methods through :meth:`AnomalySegmentationModule.segment`, so adding a
-method is one new file that subclasses this base.
+method is one new folder whose module subclasses this base (and registers itself, see
+:mod:`lightning_modules.registry`).
 
-Post-hoc statistics (SML means/stds, FRE subspaces, ...) are fitted in one pass over the
-training split after training: subclasses implement ``reset_posthoc``/``update_posthoc``/
-``finalize_posthoc`` and keep their accumulators as float64 buffers; the base drives the
-loop, sums the accumulators across processes and records that the fit happened.
+Post-hoc statistics (SML means/stds, FRE subspaces, a kNN memory bank, ...) are fitted after
+training in one or more passes over the training split. A method declares the buffers it
+accumulates into (:meth:`AnomalySegmentationModule.declare_posthoc_accumulator`, each with its
+reduction across processes: ``sum`` or ``cat`` for a memory bank, and the pass it belongs to)
+and implements ``update_posthoc`` / ``finalize_posthoc``; the base drives the passes, reduces
+the accumulators across processes and records that the fit happened. Whether a method needs a
+post-hoc fit follows from whether it declared accumulators.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from torch import Tensor
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
 
 log = logging.getLogger(__name__)
+
+Reduction = Literal["sum", "cat"]
+_REDUCTIONS = ("sum", "cat")
 
 
 @dataclass
@@ -72,6 +79,20 @@ def batch_seed(epoch: int, batch_idx: int, rank: int, seed: int | None = None) -
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
     words = np.random.SeedSequence([int(seed) & (2**64 - 1), int(epoch), int(batch_idx), int(rank)]).generate_state(2)
     return int(words[0]) | (int(words[1]) & 0x7FFFFFFF) << 32
+
+
+def all_gather_cat(tensor: Tensor) -> Tensor:
+    """Concatenate every process's ``tensor`` along dim 0, in rank order (lengths may differ)."""
+    world = torch.distributed.get_world_size()
+    length = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.long)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    torch.distributed.all_gather(lengths, length)
+    longest = int(max(int(n) for n in lengths))
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(gathered, padded.contiguous())
+    return torch.cat([part[: int(n)] for part, n in zip(gathered, lengths, strict=True)])
 
 
 class AnomalySegmentationModule(L.LightningModule):
@@ -119,11 +140,16 @@ class AnomalySegmentationModule(L.LightningModule):
         # Whether post-hoc statistics have been fitted; checkpointed so tests of a trained and
         # fitted checkpoint do not refit.
         self.register_buffer("posthoc_fitted", torch.zeros((), dtype=torch.bool))
+        self._posthoc_accumulators: dict[str, tuple[Reduction, int]] = {}
 
     # ----------------------------------------------------------------- the contract
     def segment(self, image: Tensor) -> MethodOutput:
         """Closed-set logits and anomaly scores for a batch of normalized images."""
         raise NotImplementedError
+
+    def scoring_options(self) -> dict[str, Any]:
+        """Options that shape the scores (e.g. SML's post-processing), recorded in ``metrics.json``."""
+        return {}
 
     # ----------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
@@ -186,42 +212,110 @@ class AnomalySegmentationModule(L.LightningModule):
         return out
 
     # ----------------------------------------------------------------- post-hoc statistics
+    def declare_posthoc_accumulator(self, name: str, reduction: Reduction = "sum", pass_index: int = 0) -> None:
+        """Mark the buffer ``name`` (its state-dict name, e.g. ``"sml.sums"``) as a post-hoc accumulator.
+
+        ``reduction``: ``"sum"`` (summed across processes) or ``"cat"`` (a memory bank: the
+        processes' rows are concatenated in rank order along dim 0; its length may change while
+        accumulating and is restored from a checkpoint). ``pass_index``: the pass over the
+        training split that fills it; pass ``p`` sees the statistics finalized by passes ``< p``.
+        Accumulators stay out of DDP's buffer broadcast: each process holds its own share until
+        the pass ends.
+        """
+        if reduction not in _REDUCTIONS:
+            raise ValueError(
+                f"reduction of post-hoc accumulator '{name}' must be one of {_REDUCTIONS}, got '{reduction}'"
+            )
+        if isinstance(pass_index, bool) or not isinstance(pass_index, int) or pass_index < 0:
+            raise ValueError(f"pass_index of post-hoc accumulator '{name}' must be an integer >= 0, got {pass_index!r}")
+        self.get_buffer(name)  # raises if there is no such buffer
+        self._posthoc_accumulators[name] = (reduction, pass_index)
+        ignored = getattr(self, "_ddp_params_and_buffers_to_ignore", [])
+        self._ddp_params_and_buffers_to_ignore = [*ignored, name] if name not in ignored else list(ignored)
+
     @property
     def needs_posthoc(self) -> bool:
-        """Whether this method has statistics to fit after training."""
-        return False
+        """Whether this method has statistics to fit after training (it declared accumulators)."""
+        return bool(self._posthoc_accumulators)
 
-    def reset_posthoc(self) -> None:
-        """Zero the float64 accumulators before a fitting pass."""
+    def posthoc_passes(self) -> list[int]:
+        """The passes over the training split a post-hoc fit makes, in order."""
+        return sorted({pass_index for _, pass_index in self._posthoc_accumulators.values()})
 
-    def update_posthoc(self, batch: Mapping[str, Tensor]) -> None:
+    def posthoc_accumulators(self, pass_index: int | None = None) -> dict[str, Tensor]:
+        """The accumulator buffers (of one pass, or all) by state-dict name."""
+        return {
+            name: self.get_buffer(name)
+            for name, (_, index) in self._posthoc_accumulators.items()
+            if pass_index is None or index == pass_index
+        }
+
+    def start_posthoc_pass(self, pass_index: int, num_batches: int | None) -> None:
+        """Called before each pass, after its accumulators were emptied; ``num_batches`` of this process."""
+
+    def update_posthoc(self, batch: Mapping[str, Tensor], pass_index: int) -> None:
         """Accumulate one batch of training pixels (called under ``no_grad`` in eval mode)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} declares post-hoc accumulators but does not implement update_posthoc()"
+        )
 
-    def posthoc_accumulators(self) -> list[Tensor]:
-        """The accumulator tensors to sum across processes before ``finalize_posthoc``."""
-        return []
+    def finalize_posthoc(self, pass_index: int) -> None:
+        """Turn the pass's reduced accumulators into the statistics used for scoring."""
+        raise NotImplementedError(
+            f"{type(self).__name__} declares post-hoc accumulators but does not implement finalize_posthoc()"
+        )
 
-    def finalize_posthoc(self) -> None:
-        """Turn the summed accumulators into the statistics used for scoring."""
+    def _reset_accumulators(self, pass_index: int) -> None:
+        for name, buffer in self.posthoc_accumulators(pass_index).items():
+            if self._posthoc_accumulators[name][0] == "cat":
+                self._set_buffer(name, buffer.new_zeros((0, *buffer.shape[1:])))
+            else:
+                buffer.zero_()
+
+    def _reduce_accumulators(self, pass_index: int) -> None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        for name, buffer in self.posthoc_accumulators(pass_index).items():
+            if self._posthoc_accumulators[name][0] == "cat":
+                self._set_buffer(name, all_gather_cat(buffer))
+            else:
+                torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+
+    def _set_buffer(self, name: str, value: Tensor) -> None:
+        module_name, _, buffer_name = name.rpartition(".")
+        owner = self.get_submodule(module_name) if module_name else self
+        setattr(owner, buffer_name, value)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Memory banks (and buffers a method lists in _resizable_buffers) change length when
+        # fitted: take the checkpoint's shape before copying.
+        resizable = {n for n, (reduction, _) in self._posthoc_accumulators.items() if reduction == "cat"}
+        for name in resizable | set(getattr(self, "_resizable_buffers", ())):
+            key = prefix + name
+            if key in state_dict:
+                current = self.get_buffer(name)
+                self._set_buffer(name, torch.empty_like(state_dict[key], device=current.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def fit_posthoc(self, batches: Iterable[Mapping[str, Tensor]]) -> None:
-        """One pass over ``batches`` (this process's shard), all-reduce, finalize.
+        """Every post-hoc pass over ``batches`` (this process's shard): accumulate, reduce, finalize.
 
-        Under DDP every process must call this with its own disjoint shard; accumulators
-        are summed with ``torch.distributed.all_reduce`` so the result equals one process
-        seeing all the data.
+        Under DDP every process must call this with its own disjoint shard; accumulators are
+        summed (or concatenated) across processes, so the result equals one process seeing all
+        the data.
         """
         was_training = self.training
         self.eval()
-        self.reset_posthoc()
-        for batch in batches:
-            batch = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-            self.update_posthoc(batch)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for acc in self.posthoc_accumulators():
-                torch.distributed.all_reduce(acc, op=torch.distributed.ReduceOp.SUM)
-        self.finalize_posthoc()
+        num_batches = len(batches) if hasattr(batches, "__len__") else None
+        for pass_index in self.posthoc_passes():
+            self._reset_accumulators(pass_index)
+            self.start_posthoc_pass(pass_index, num_batches)
+            for batch in batches:
+                batch = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+                self.update_posthoc(batch, pass_index)
+            self._reduce_accumulators(pass_index)
+            self.finalize_posthoc(pass_index)
         self.posthoc_fitted.fill_(True)
         self.train(was_training)
 

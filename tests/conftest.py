@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datamodules.synthetic import write_synthetic_streethazards
+
 SPLIT_DIRS = {
     "train": ("train", "training", "t1-3", "train.odgt"),
     "val": ("train", "validation", "t4", "validation.odgt"),
@@ -63,3 +65,24 @@ def release_root(tmp_path: Path) -> Path:
             records.append(write_release_sample(root, split, f"{k:03d}", rgb, raw))
         write_index(root, split, records)
     return root
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny synthetic dataset of the CLI tests (see tests/helpers.py)."""
+    root = tmp_path_factory.mktemp("data") / "streethazards"
+    write_synthetic_streethazards(root, 11, 4, 7, image_size=(64, 96), seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 2-epoch SML run: ``last`` (statistics fitted) and ``best`` (saved before they were)."""
+    import main
+    from tests.helpers import checkpoint_dir, cli_args
+
+    out = tmp_path_factory.mktemp("trained")
+    assert main.main(["fit", *cli_args(data_root, out), "--trainer.max_epochs=2"]) == 0
+    folder = checkpoint_dir(out)
+    (best,) = folder.glob("best-*.ckpt")
+    return {"out": out, "last": folder / "last.ckpt", "best": best}

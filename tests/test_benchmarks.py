@@ -123,7 +123,7 @@ def test_sml_postprocessing_sweep_matches_sklearn(tmp_path: Path, capsys: pytest
 
     from datamodules.streethazards import StreetHazardsDataModule
     from datamodules.synthetic import write_synthetic_streethazards
-    from lightning_modules.sml import SMLSegmenter
+    from lightning_modules.sml import SMLSegmenter, sml_anomaly_score
 
     root = write_synthetic_streethazards(tmp_path / "data", 3, 0, 0, image_size=(64, 96), seed=0)
     torch.manual_seed(0)
@@ -152,8 +152,9 @@ def test_sml_postprocessing_sweep_matches_sklearn(tmp_path: Path, capsys: pytest
     labels = (batch["mask"] == 13).flatten().numpy()
     for row in report["results"]:
         width, dilation = row["boundary_width"], row["dilation"]
-        score = model.sml.score(
-            logits, boundary_suppression=width > 0, boundary_width=max(width, 1), boundary_iterations=max(width, 1),
+        score = sml_anomaly_score(
+            logits, model.sml.means.float(), model.sml.stds.float(),
+            boundary_suppression=width > 0, boundary_width=max(width, 1), boundary_iterations=max(width, 1),
             dilated_smoothing=dilation > 0, dilation=max(dilation, 1),
         ).flatten().double().numpy()  # fmt: skip
         assert row["aupr"] == pytest.approx(average_precision_score(labels, score), abs=1e-3)

@@ -36,7 +36,6 @@ from callbacks.evaluation import (
     false_positive_breakdown,
     resize_to,
 )
-from callbacks.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
 from callbacks.metrics import AnomalyMetrics
 from callbacks.visualization import (
     AnomalyHeatmapLogger,
@@ -47,6 +46,7 @@ from callbacks.visualization import (
     make_grid,
     outcome_overlay,
 )
+from datamodules.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
 from datamodules.labels import CLASS_NAMES, IMAGE_MEAN, IMAGE_STD, PALETTE, colorize
 from lightning_modules.base import AnomalySegmentationModule, MethodOutput
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
+from lightning_modules.checkpoints import AtomicCheckpointIO, CheckpointError, load_checkpoint_file
 
 
 class _Payload:

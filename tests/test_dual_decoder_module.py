@@ -189,7 +189,7 @@ def test_init_checkpoint_from_a_dual_decoder_copies_the_network(tmp_path: Path) 
 def test_init_checkpoint_of_another_shape_fails_naming_the_file(tmp_path: Path) -> None:
     import pytest
 
-    from callbacks.checkpointing import CheckpointError
+    from lightning_modules.checkpoints import CheckpointError
     from lightning_modules.segmenter import DeepLabV3PlusSegmenter
 
     other = DeepLabV3PlusSegmenter(num_classes=K + 1, encoder_name="resnet18", encoder_weights=None)

@@ -13,8 +13,7 @@ from PIL import Image
 
 import main
 from datamodules.synthetic import write_synthetic_streethazards
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, method_config_args
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +23,13 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def tiny_args(root: Path, out: Path, config: str = "configs/demo/sml.yaml", name: str = "run") -> list[str]:
+def tiny_args(root: Path, out: Path, method: str = "sml", name: str = "run") -> list[str]:
     logger = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
         "init_args": {"save_dir": str(out), "name": name, "version": "run"},
     }
     return [
-        f"--config={REPO / config}",
+        *method_config_args(method),
         f"--data.root={root}",
         "--data.image_size=[64, 96]",
         "--data.batch_size=4",
@@ -69,8 +68,6 @@ def test_fit_interrupted_after_one_epoch_resumes_to_same_step_count(tiny_root: P
 
 
 def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) -> None:
-    from callbacks.comparison import compare
-
     overrides = [
         f"--data.root={tiny_root}",
         "--data.image_size=[64, 96]",
@@ -83,8 +80,14 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
         "--trainer.enable_model_summary=false",
     ]
     out = tmp_path / "compare"
-    methods = {m: str(REPO / f"configs/demo/{m}.yaml") for m in ("sml", "fre", "dual_decoder")}
-    records = compare(str(out), methods, {"fre": "sml"}, overrides, num_examples=1, init_from={"dual_decoder": "sml"})
+    # The defaults of configs/compare.yaml: every registered method, networks shared as registered.
+    records = main.compare(
+        str(out),
+        overrides=overrides,
+        num_examples=1,
+        base_config=str(REPO / "configs/demo.yaml"),
+        method_config_dir=str(REPO / "configs/method/demo"),
+    )
     for name in ("comparison.json", "comparison.md", "comparison.png"):
         assert (out / name).is_file(), name
     document = json.loads((out / "comparison.json").read_text())
@@ -116,7 +119,7 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
     ],
 )
 def test_cli_bad_input_is_one_clear_line(argv: list[str], expected: str, tmp_path: Path) -> None:
-    args = [argv[0], f"--config={REPO / 'configs/demo/sml.yaml'}", f"--trainer.default_root_dir={tmp_path}", *argv[1:]]
+    args = [argv[0], *method_config_args("sml"), f"--trainer.default_root_dir={tmp_path}", *argv[1:]]
     proc = subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last_line = proc.stderr.strip().splitlines()[-1]

@@ -41,7 +41,8 @@ def args(root: Path, out: Path, method: str) -> list[str]:
         "init_args": {"save_dir": str(out), "name": method, "version": "run"},
     }
     return [
-        f"--config={REPO / 'configs/demo' / (method + '.yaml')}",
+        f"--config={REPO / 'configs/demo.yaml'}",
+        f"--config={REPO / 'configs/method/demo' / (method + '.yaml')}",
         f"--data.root={root}",
         "--data.image_size=[64, 112]",
         "--data.batch_size=8",

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from callbacks.checkpointing import CheckpointError
 from lightning_modules.base import class_weights_from_frequencies
+from lightning_modules.checkpoints import CheckpointError
 from lightning_modules.segmenter import (
     DeepLabV3PlusSegmenter,
     PretrainedWeightsError,
@@ -26,8 +26,7 @@ NUM_CLASSES = 5
 
 def tiny_sml(seed: int = 0, **kwargs) -> SMLSegmenter:
     torch.manual_seed(seed)
-    kwargs.setdefault("boundary_width", 2)
-    kwargs.setdefault("boundary_iterations", 2)
+    kwargs.setdefault("sml", {"boundary_width": 2, "boundary_iterations": 2})
     return SMLSegmenter(num_classes=NUM_CLASSES, encoder_name="resnet18", encoder_weights=None, **kwargs)
 
 
@@ -98,7 +97,7 @@ def test_checkpoint_round_trip_restores_statistics(tmp_path: Path) -> None:
     restored = SMLSegmenter.load_from_checkpoint(path, weights_only=True)
     for name in ("sml.means", "sml.stds", "sml.counts", "posthoc_fitted"):
         torch.testing.assert_close(restored.get_buffer(name), model.get_buffer(name))
-    assert restored.hparams.boundary_width == 2
+    assert restored.hparams.sml["boundary_width"] == 2
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:

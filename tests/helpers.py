@@ -1,0 +1,284 @@
+"""Shared test helpers: the CLI-argument builder, helper callbacks loaded by class path
+(``tests.helpers.<Name>``), the 1-vs-2-process DDP harness and small utilities.
+
+Every CLI test drives the real command line (``python main.py ...`` subprocesses, or ``main.main``
+in this process) on a tiny synthetic dataset in the released layout: 11 training images (2 steps
+of 4 per epoch), 4 validation and 7 test images at 64x96. 11 and 7 are odd on purpose: a
+2-process sampler that padded its shards by repeating samples would count one image twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 2  # 11 training images, batch 4, last partial batch dropped
+
+
+# --------------------------------------------------------------------------------------- helpers
+class NaNInputAt(L.Callback):
+    """Test helper (loaded by class path): poison the training batch that makes global step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step + 1 == self.step:
+            batch["image"].fill_(float("nan"))
+
+
+class SignalAt(L.Callback):
+    """Test helper (loaded by class path): send ``signum`` to this process during the batch of ``step``."""
+
+    def __init__(self, step: int, signum: int, rank: int | None = None) -> None:
+        self.step, self.signum, self.rank = step, signum, rank
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step + 1 == self.step and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), self.signum)
+
+
+class DumpBuffers(L.Callback):
+    """Test helper (loaded by class path): save the module's buffers after test, one file per process."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        buffers = {name: value.detach().cpu().clone() for name, value in pl_module.named_buffers()}
+        Path(self.directory).mkdir(parents=True, exist_ok=True)
+        torch.save(buffers, Path(self.directory) / f"rank{trainer.global_rank}.pt")
+
+
+class EpochStatistics(L.Callback):
+    """Test helper (loaded by class path) for the dual decoder's epoch statistics, one file per process.
+
+    It makes the module seed the global RNG of each training batch from the epoch and the batch's
+    sample names (instead of the batch index and rank), so that dropout draws the same masks for the
+    same batch in any run, and records the names.
+    It records this process's own accumulators at the start of training (restored from a
+    checkpoint or zero), after every training batch, and at each epoch end before the module sums
+    them across processes (callbacks run first); once the module has turned them into the next
+    epoch's statistics, it records those."""
+
+    ACCUMULATORS = ("sem_sums", "sem_sq_sums", "sem_counts", "emb_sums", "emb_counts")
+    STATISTICS = ("class_means", "class_stds", "class_valid", "prototypes")
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.names: list[list[list[str]]] = []
+        self.restored: dict[str, torch.Tensor] = {}
+        self.steps: list[dict[str, torch.Tensor]] = []
+        self.accumulators: list[dict[str, torch.Tensor]] = []
+        self.statistics: list[dict[str, torch.Tensor]] = []
+
+    def _buffers(self, pl_module: L.LightningModule, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        return {name: getattr(pl_module, name).detach().cpu().clone() for name in names}
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        epoch = trainer.current_epoch
+        while len(self.names) <= epoch:
+            self.names.append([])
+        self.names[epoch].append(list(batch["name"]))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        def seed_by_names(batch: Any, batch_idx: int) -> int:
+            return zlib.crc32(json.dumps([pl_module.current_epoch, list(batch["name"])]).encode())
+
+        pl_module.training_batch_seed = seed_by_names
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.restored = self._buffers(pl_module, self.ACCUMULATORS)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.steps.append(self._buffers(pl_module, self.ACCUMULATORS))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch > 0:
+            self.statistics.append(self._buffers(pl_module, self.STATISTICS))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.accumulators.append(self._buffers(pl_module, self.ACCUMULATORS))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.statistics.append(self._buffers(pl_module, self.STATISTICS))
+        Path(self.directory).mkdir(parents=True, exist_ok=True)
+        record = {"names": self.names, "restored": self.restored, "steps": self.steps}
+        record |= {"accumulators": self.accumulators, "statistics": self.statistics}
+        torch.save(record, Path(self.directory) / f"rank{trainer.global_rank}.pt")
+
+
+class _Batches(Sampler[list[int]]):
+    """The batches of dataset indices of the trainer's current epoch."""
+
+    def __init__(self, trainer: L.Trainer, batches: list[list[list[int]]]) -> None:
+        self.trainer, self.batches = trainer, batches
+
+    def __len__(self) -> int:
+        return len(self.batches[0])
+
+    def __iter__(self) -> Any:
+        return iter(self.batches[self.trainer.current_epoch])
+
+
+class ReplayTrainBatches(L.Callback):
+    """Test helper (loaded by class path): the training loader yields these batches, given by sample
+    name per epoch, in this order. Indices are ``epoch * n + index`` as EpochShuffleSampler gives
+    them, so anomaly injection pastes the same objects as in the run the batches come from."""
+
+    def __init__(self, batches: list[list[list[str]]]) -> None:
+        self.batches = batches
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule, original = trainer.datamodule, trainer.datamodule.train_dataloader
+
+        def train_dataloader() -> DataLoader:
+            dataset = original().dataset
+            index = {sample.image.stem: i for i, sample in enumerate(dataset.samples)}
+            assert len(index) == len(dataset)
+            batches = [
+                [[epoch * len(dataset) + index[name] for name in batch] for batch in epoch_batches]
+                for epoch, epoch_batches in enumerate(self.batches)
+            ]
+            return DataLoader(dataset, batch_sampler=_Batches(trainer, batches), num_workers=0)
+
+        datamodule.train_dataloader = train_dataloader
+
+
+def cli_args(root: Path, out: Path, method: str = "sml") -> list[str]:
+    """Arguments of a tiny run of a registered method whose log directory is ``out/run/run``."""
+    logger = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(out), "name": "run", "version": "run"},
+    }
+    return [
+        *method_config_args(method),
+        f"--data.root={root}",
+        "--data.image_size=[64, 96]",
+        "--data.batch_size=4",
+        "--data.eval_batch_size=1",
+        "--data.num_workers=0",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.logger={json.dumps(logger)}",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return out / "run" / "run" / "checkpoints"
+
+
+def load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def callbacks_arg(*callbacks: tuple[str, dict[str, Any]]) -> str:
+    items = [{"class_path": f"tests.helpers.{name}", "init_args": init} for name, init in callbacks]
+    return f"--trainer.callbacks={json.dumps(items)}"
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the fit process exited with {proc.returncode} before {what}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return 0
+
+
+def parameters_finite(checkpoint: dict[str, Any]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+
+
+def method_config_args(method: str = "sml", demo: bool = True) -> list[str]:
+    """The composed configs of a registered method: the experiment base, then the method block."""
+    base = "configs/demo.yaml" if demo else "configs/streethazards.yaml"
+    folder = "configs/method/demo" if demo else "configs/method"
+    return [f"--config={REPO / base}", f"--config={REPO / folder / (method + '.yaml')}"]
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a process group."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --------------------------------------------------------------------------------------- DDP harness
+def run_one_and_two_processes(method: str, root: Path, extra: list[str], tmp_path: Path) -> dict[int, dict[str, Any]]:
+    """``main.py test`` on 1 and on 2 gloo processes, concurrently; metrics.json and buffers of each."""
+    # One thread per process in both runs: the intra-op thread count changes float summation order.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for world in (1, 2):
+        out = tmp_path / f"world{world}"
+        command = [
+            sys.executable, "main.py", "test", *cli_args(root, out, method=method), *extra,
+            *(["--trainer.strategy=ddp", "--trainer.devices=2"] if world == 2 else []),
+            callbacks_arg(("DumpBuffers", {"directory": str(out / "buffers")})),
+        ]  # fmt: skip
+        log = open(tmp_path / f"world{world}.log", "wb")  # noqa: SIM115  (closed below)
+        procs[world] = (subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log, out)
+    results = {}
+    for world, (proc, log, out) in procs.items():
+        proc.wait(timeout=600)
+        log.close()
+        output = (tmp_path / f"world{world}.log").read_text()
+        assert proc.returncode == 0, output[-3000:]
+        buffers = [torch.load(out / "buffers" / f"rank{r}.pt", weights_only=True) for r in range(world)]
+        results[world] = {"metrics": json.loads((out / "run" / "run" / "metrics.json").read_text()), "buffers": buffers}
+    return results
+
+
+def assert_same_evaluation(one: dict[str, Any], two: dict[str, Any], exact_scores: tuple[str, ...]) -> None:
+    for key in ("num_images", "num_valid_pixels", "num_anomaly_pixels", "segmentation", "anomaly_fraction"):
+        assert one[key] == two[key], key
+    assert one["num_images"] == 7  # a padding sampler would give 8 on 2 processes
+    for score, values in one["scores"].items():
+        for key, value in values.items():
+            other = two["scores"][score][key]
+            if key.endswith("_per_image"):
+                # A mean over images, summed across processes in another order.
+                assert other == pytest.approx(value, rel=1e-12, abs=1e-15), (score, key)
+            elif score in exact_scores:
+                assert other == value, (score, key)
+            else:
+                assert other == pytest.approx(value, rel=1e-6, abs=1e-9), (score, key)
+
+

@@ -1,0 +1,218 @@
+"""Under DDP (2 gloo processes) evaluation and statistics equal one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import main
+from tests.helpers import (  # noqa: F401
+    REPO,
+    STEPS_PER_EPOCH,
+    DumpBuffers,
+    EpochStatistics,
+    NaNInputAt,
+    ReplayTrainBatches,
+    SignalAt,
+    assert_same_evaluation,
+    callbacks_arg,
+    checkpoint_dir,
+    cli_args,
+    free_port,
+    load,
+    method_config_args,
+    mtime,
+    parameters_finite,
+    run_one_and_two_processes,
+    wait_for,
+)
+
+
+# --------------------------------------------------------------------------------------- 3. DDP
+@pytest.mark.slow
+def test_ddp_sml_test_and_statistics_equal_one_process(
+    data_root: Path, trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """``test`` of a checkpoint without SML statistics: both runs fit them on the training split (11
+    images over 2 processes: 6 + 5), then evaluate 7 test images (4 + 3)."""
+    assert not bool(load(trained["best"])["state_dict"]["posthoc_fitted"])
+    runs = run_one_and_two_processes("sml", data_root, [f"--ckpt_path={trained['best']}"], tmp_path)
+    one, (rank0, rank1) = runs[1]["buffers"][0], runs[2]["buffers"]
+    for name in ("sml.counts", "sml.sums", "sml.sq_sums", "sml.means", "sml.stds"):
+        assert torch.equal(rank0[name], rank1[name]), name  # all-reduced: identical on every process
+    assert torch.equal(one["sml.counts"], rank0["sml.counts"])
+    assert one["sml.counts"].sum() == 11 * 64 * 96  # every training pixel, none twice
+    for name in ("sml.sums", "sml.sq_sums", "sml.means", "sml.stds"):
+        torch.testing.assert_close(rank0[name], one[name], rtol=1e-12, atol=1e-12, msg=name)
+    assert_same_evaluation(runs[1]["metrics"], runs[2]["metrics"], exact_scores=("sml", "msp", "maxlogit", "entropy"))
+
+
+@pytest.mark.slow
+def test_ddp_fre_statistics_and_test_equal_one_process(
+    data_root: Path, trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """FRE scoring the trained segmenter: moments, subspaces and error statistics fitted on 2
+    processes equal the 1-process fit (the pixel budget is large enough to keep every pixel, so
+    both fits see the same pixels; with subsampling each process draws its own sample)."""
+    extra = [f"--model.init_args.init_checkpoint={trained['last']}", "--model.init_args.max_pixels_per_class=100000000"]
+    runs = run_one_and_two_processes("fre", data_root, extra, tmp_path)
+    one, (rank0, rank1) = runs[1]["buffers"][0], runs[2]["buffers"]
+    for name, value in rank0.items():
+        assert torch.equal(value, rank1[name]), name
+    for name in ("moment_counts", "error_counts", "subspace_ranks"):
+        assert torch.equal(one[name], rank0[name]), name
+    assert one["moment_counts"].sum() == 11 * 16 * 24  # every feature pixel (1/4 resolution) was used
+    for name in ("moment_sums", "moment_outer", "subspace_means", "error_sums", "error_sq_sums"):
+        torch.testing.assert_close(rank0[name], one[name], rtol=1e-10, atol=1e-9, msg=name)
+    projector_one = one["subspace_bases"] @ one["subspace_bases"].transpose(1, 2)
+    projector_two = rank0["subspace_bases"] @ rank0["subspace_bases"].transpose(1, 2)
+    torch.testing.assert_close(projector_two, projector_one, rtol=0, atol=1e-7)
+    torch.testing.assert_close(rank0["error_mean"], one["error_mean"], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(rank0["error_std"], one["error_std"], rtol=1e-7, atol=1e-9)
+    assert_same_evaluation(runs[1]["metrics"], runs[2]["metrics"], exact_scores=("msp", "maxlogit", "entropy"))
+
+
+DUAL_DECODER = "dual_decoder"
+
+
+@pytest.fixture(scope="module")
+def dual_decoder_unfitted(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-epoch dual-decoder run's checkpoint of epoch 1: it holds the epoch statistics of epoch
+    0, and no post-hoc statistics (it was saved at validation, before training ended)."""
+    out = tmp_path_factory.mktemp("dual_decoder")
+    args = [*cli_args(data_root, out, method=DUAL_DECODER), "--trainer.max_epochs=2", "--checkpoint.save_top_k=-1"]
+    assert main.main(["fit", *args]) == 0
+    (path,) = checkpoint_dir(out).glob("best-epoch1-*.ckpt")
+    return path
+
+
+@pytest.mark.slow
+def test_ddp_dual_decoder_test_and_posthoc_statistics_equal_one_process(
+    data_root: Path, dual_decoder_unfitted: Path, tmp_path: Path
+) -> None:
+    """``test`` of a dual-decoder checkpoint without the post-hoc SML statistics of its semantic
+    logits: both runs fit them (11 training images, 6 + 5 on 2 processes), then evaluate."""
+    state = load(dual_decoder_unfitted)["state_dict"]
+    assert not bool(state["posthoc_fitted"]) and bool(state["class_valid"].any())
+    runs = run_one_and_two_processes(DUAL_DECODER, data_root, [f"--ckpt_path={dual_decoder_unfitted}"], tmp_path)
+    one, (rank0, rank1) = runs[1]["buffers"][0], runs[2]["buffers"]
+    for name, value in rank0.items():
+        assert torch.equal(value, rank1[name]), name
+    for name in EpochStatistics.STATISTICS:  # from the checkpoint, untouched by test
+        assert torch.equal(one[name], state[name]) and torch.equal(rank0[name], state[name]), name
+    assert bool(one["posthoc_fitted"]) and bool(rank0["posthoc_fitted"])
+    assert torch.equal(one["sml.counts"], rank0["sml.counts"])
+    assert one["sml.counts"].sum() == 11 * 64 * 96  # every training pixel, none twice
+    for name in ("sml.sums", "sml.sq_sums", "sml.means", "sml.stds"):
+        torch.testing.assert_close(rank0[name], one[name], rtol=1e-12, atol=1e-12, msg=name)
+    exact = ("dual_decoder", "sml", "msp", "maxlogit", "entropy")
+    assert_same_evaluation(runs[1]["metrics"], runs[2]["metrics"], exact_scores=exact)
+
+
+@pytest.mark.slow
+def test_ddp_dual_decoder_epoch_statistics_equal_one_process(data_root: Path, tmp_path: Path) -> None:
+    """2 epochs of ``fit`` on 2 gloo processes (3 steps of 2 images per process and epoch), and 1
+    process that replays the same batches with ``accumulate_grad_batches=2``: at every step rank
+    0's batch, then rank 1's. The per-epoch statistics (summed across processes at epoch end)
+    equal the 1-process ones, epoch 1's computed by the network after its optimizer steps.
+
+    What makes the runs comparable: the same initial weights (seed); no augmentation, and
+    injection seeded per (seed, epoch, sample); every forward pass sees the same 2 images in both
+    runs, so batch norm normalizes over the same batch; dropout seeded per batch (EpochStatistics);
+    and DDP's gradient, the mean of the two processes' gradients, is what accumulating the two
+    batches' losses halved gives. Only the batch-norm running statistics differ (DDP copies rank
+    0's to rank 1 before every step), and training never reads them."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as _run_one_and_two_processes
+    common = ["--trainer.max_epochs=2", "--data.batch_size=2", "--data.train_augment=false"]
+    outs = {world: tmp_path / f"world{world}" for world in (1, 2)}
+
+    def fit(world: int, extra: list[str], *callbacks: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        out = outs[world]
+        record = ("EpochStatistics", {"directory": str(out / "epochs")})
+        command = [sys.executable, "main.py", "fit", *cli_args(data_root, out, method=DUAL_DECODER), *common, *extra]
+        command.append(callbacks_arg(record, *callbacks))
+        run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return [torch.load(out / "epochs" / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+    rank0, rank1 = fit(2, ["--trainer.strategy=ddp", "--trainer.devices=2"])
+    replay = [
+        [batch for pair in zip(*steps, strict=True) for batch in pair]
+        for steps in zip(rank0["names"], rank1["names"], strict=True)
+    ]
+    assert [len(batches) for batches in replay] == [6, 6]
+    # The training sampler pads 11 images to 12: every image is seen, one of them twice.
+    assert all(len({name for batch in batches for name in batch}) == 11 for batches in replay)
+    (one,) = fit(1, ["--trainer.accumulate_grad_batches=2"], ("ReplayTrainBatches", {"batches": replay}))
+    assert one["names"] == replay
+
+    for epoch in range(2):
+        summed = {name: rank0["accumulators"][epoch][name] + rank1["accumulators"][epoch][name]
+                  for name in EpochStatistics.ACCUMULATORS}  # fmt: skip
+        whole = one["accumulators"][epoch]
+        assert whole["sem_counts"].sum() > 0
+        for name in ("sem_counts", "emb_counts"):
+            assert torch.equal(summed[name], whole[name]), (epoch, name)
+        for name in ("sem_sums", "sem_sq_sums", "emb_sums"):
+            torch.testing.assert_close(summed[name], whole[name], rtol=1e-12, atol=1e-12, msg=f"{epoch} {name}")
+        two = rank0["statistics"][epoch]
+        assert bool(two["class_valid"].any())
+        for name in EpochStatistics.STATISTICS:
+            assert torch.equal(two[name], rank1["statistics"][epoch][name]), (epoch, name)  # all-reduced
+        assert torch.equal(two["class_valid"], one["statistics"][epoch]["class_valid"])
+        for name in ("class_means", "class_stds", "prototypes"):
+            torch.testing.assert_close(two[name], one["statistics"][epoch][name], rtol=1e-12, atol=1e-12)
+    # The two runs took the same optimizer steps.
+    weights = {world: load(checkpoint_dir(out) / "last.ckpt")["state_dict"] for world, out in outs.items()}
+    for name, value in weights[1].items():
+        if name.startswith("net.") and "running_" not in name and "num_batches_tracked" not in name:
+            torch.testing.assert_close(weights[2][name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_ddp_dual_decoder_checkpoint_within_an_epoch_holds_all_processes_sums(data_root: Path, tmp_path: Path) -> None:
+    """A checkpoint written by 2 processes in the middle of an epoch (step 2 of 3) holds the sum of
+    both processes' epoch accumulators (rank 0's alone would lose rank 1's pixels); resumed from
+    it on 2 processes, rank 0 starts from that sum and rank 1 from zero (each starting from the
+    sum would count it twice), and the epoch's total counts every pixel once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--trainer.max_epochs=1", "--data.batch_size=2", "--data.train_augment=false"]
+    common += ["--trainer.strategy=ddp", "--trainer.devices=2"]
+
+    def fit(out: Path, extra: list[str]) -> list[dict[str, Any]]:
+        command = [sys.executable, "main.py", "fit", *cli_args(data_root, out, method=DUAL_DECODER), *common, *extra]
+        command.append(callbacks_arg(("EpochStatistics", {"directory": str(out / "epochs")})))
+        run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return [torch.load(out / "epochs" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    first = tmp_path / "first"
+    keep = ["--checkpoint.every_n_train_steps=2", "--checkpoint.save_top_k=-1", "--checkpoint.monitor=null"]
+    ranks = fit(first, [*keep, "--checkpoint.filename=s{step}"])
+    assert [len(r["steps"]) for r in ranks] == [3, 3]
+    saved = load(checkpoint_dir(first) / "s2.ckpt")["state_dict"]
+    for name in EpochStatistics.ACCUMULATORS:
+        assert torch.equal(saved[name], ranks[0]["steps"][1][name] + ranks[1]["steps"][1][name]), name
+    assert saved["sem_counts"].sum() > 0
+
+    resumed = fit(tmp_path / "resumed", [f"--ckpt_path={checkpoint_dir(first) / 's2.ckpt'}"])
+    for name in EpochStatistics.ACCUMULATORS:
+        assert torch.equal(resumed[0]["restored"][name], saved[name]), name
+        assert not resumed[1]["restored"][name].any(), name
+    # Each process runs the one step left, on its own shard's third batch (the loader skips the
+    # two already done). Embedding counts (every known pixel, whatever the weights) of the epoch
+    # are then those of the uninterrupted run.
+    assert [r["names"] for r in resumed] == [[r["names"][0][2:]] for r in ranks]
+    counts = [r["accumulators"][0]["emb_counts"] for r in resumed]
+    uninterrupted = [r["accumulators"][0]["emb_counts"] for r in ranks]
+    assert torch.equal(counts[0] + counts[1], uninterrupted[0] + uninterrupted[1])
+    for name in EpochStatistics.STATISTICS:
+        assert torch.equal(resumed[0]["statistics"][0][name], resumed[1]["statistics"][0][name]), name
+
+

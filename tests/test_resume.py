@@ -1,0 +1,270 @@
+"""Killed and preempted runs resume where they stopped; the log folder is fixed."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from tests.helpers import (  # noqa: F401
+    REPO,
+    STEPS_PER_EPOCH,
+    DumpBuffers,
+    EpochStatistics,
+    NaNInputAt,
+    ReplayTrainBatches,
+    SignalAt,
+    assert_same_evaluation,
+    callbacks_arg,
+    checkpoint_dir,
+    cli_args,
+    free_port,
+    load,
+    method_config_args,
+    mtime,
+    parameters_finite,
+    run_one_and_two_processes,
+    wait_for,
+)
+
+
+# --------------------------------------------------------------------------------------- 1. SIGKILL
+@pytest.mark.slow
+def test_sigkill_during_fit_then_resume_reaches_full_step_count(data_root: Path, tmp_path: Path) -> None:
+    """Killed three times while last.ckpt is rewritten every step: at a random moment of a step,
+    in the middle of a checkpoint write, and at a random moment again. Every kill leaves a
+    loadable last.ckpt, each restart continues from it, the last run ends at the full step
+    count, and no partial checkpoint is left behind."""
+    out, epochs = tmp_path / "kill", 10
+    command = [
+        sys.executable, "main.py", "fit", *cli_args(data_root, out),
+        f"--trainer.max_epochs={epochs}", "--checkpoint.every_n_train_steps=1", "--ckpt_path=last",
+    ]  # fmt: skip
+    folder = checkpoint_dir(out)
+    last = folder / "last.ckpt"
+
+    def temporaries() -> list[Path]:
+        return [p for p in folder.iterdir() if p.name.endswith(".tmp")] if folder.is_dir() else []
+
+    rng = random.Random(20240607)
+    steps_at_kill: list[int] = []
+    for attempt, moment in enumerate(("random", "mid-write", "random")):
+        with open(tmp_path / f"kill{attempt}.log", "wb") as log:
+            proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            # Wait for 2 or 3 new writes of last.ckpt, whatever the machine's speed.
+            written_at = []
+            for _ in range(rng.randint(2, 3)):
+                before = mtime(last)
+                wait_for(lambda: mtime(last) > before, proc, 240, "a new last.ckpt")  # noqa: B023
+                written_at.append(time.monotonic())
+            if moment == "random":  # somewhere in the next step: forward/backward or its write
+                time.sleep(rng.uniform(0.0, written_at[-1] - written_at[-2]))
+            else:  # as soon as the next write has started
+                wait_for(lambda: bool(temporaries()), proc, 240, "a checkpoint write")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, f"run {attempt} ended on its own before the kill"
+        # The kill leaves the previous last.ckpt intact and, from an interrupted write, only a
+        # hidden temporary file that is not named *.ckpt.
+        left = temporaries()
+        assert all(p.name.startswith(".") and ".ckpt." in p.name for p in left), left
+        if moment == "mid-write":
+            assert left, "the kill was meant to interrupt a checkpoint write"
+        for path in folder.glob("*.ckpt"):
+            load(path)  # a truncated checkpoint would raise here
+        steps_at_kill.append(load(last)["global_step"])
+    assert steps_at_kill == sorted(steps_at_kill) and steps_at_kill[-1] < epochs * STEPS_PER_EPOCH, steps_at_kill
+
+    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    final = load(last)
+    assert final["global_step"] == epochs * STEPS_PER_EPOCH
+    assert final["epoch"] == epochs
+    assert bool(final["state_dict"]["posthoc_fitted"])
+    for path in folder.glob("*.ckpt"):
+        load(path)
+    assert not temporaries()  # removed when the next fit starts
+    print(f"SIGKILL at steps {steps_at_kill}")
+
+
+def test_resuming_twice_from_last_batch_checkpoints_keeps_the_step_count(data_root: Path, tmp_path: Path) -> None:
+    """A checkpoint written at the last batch of an epoch, resumed, and a checkpoint of that
+    resumed run resumed again: Lightning 2.6 alone repeats an epoch here (10 steps instead of 8,
+    see callbacks.guards.repair_resume_after_last_batch)."""
+    keep_all = ["--checkpoint.every_n_train_steps=1", "--checkpoint.save_top_k=-1", "--checkpoint.monitor=null"]
+    keep_all.append("--checkpoint.filename=s{step}")
+    previous = None
+    for run, epochs in enumerate((2, 3, 4)):
+        out = tmp_path / f"run{run}"
+        resume = [f"--ckpt_path={checkpoint_dir(previous) / f's{2 * (epochs - 1)}.ckpt'}"] if previous else []
+        assert main.main(["fit", *cli_args(data_root, out), f"--trainer.max_epochs={epochs}", *keep_all, *resume]) == 0
+        assert load(checkpoint_dir(out) / "last.ckpt")["global_step"] == epochs * STEPS_PER_EPOCH
+        previous = out
+
+
+def test_truncated_last_resumes_from_older_valid_checkpoint(
+    data_root: Path, trained: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "truncated"
+    folder = checkpoint_dir(out)
+    shutil.copytree(checkpoint_dir(trained["out"]), folder)
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    best = folder / trained["best"].name
+    assert load(best)["global_step"] < STEPS_PER_EPOCH * 2 + 1
+
+    with caplog.at_level("WARNING", logger="lightning_modules.checkpoints"):
+        code = main.main(["fit", *cli_args(data_root, out), "--trainer.max_epochs=3", "--ckpt_path=last"])
+    assert code == 0
+    assert f"'{last}' is unreadable; resuming from '{best}' instead" in caplog.text
+    assert load(last)["global_step"] == 3 * STEPS_PER_EPOCH
+
+
+# --------------------------------------------------------------------------------------- 2. preemption
+@pytest.mark.slow
+def test_sigterm_saves_last_and_the_same_command_resumes_in_the_same_folder(data_root: Path, tmp_path: Path) -> None:
+    """``kill -TERM`` from outside, then the requeued job's identical command. On this tiny run the
+    signal usually lands in a validation pass (Lightning aborts it; the checkpoint is saved from
+    on_exception); a signal during a training batch: test_signal_in_a_batch_saves_last_at_that_step_..."""
+    out, epochs = tmp_path / "preempted", 3
+    command = [sys.executable, "main.py", "fit", *cli_args(data_root, out), f"--trainer.max_epochs={epochs}"]
+    command.append("--ckpt_path=last")  # what a requeued job runs, the first time too
+    last = checkpoint_dir(out) / "last.ckpt"
+    with open(tmp_path / "term.log", "wb") as log:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+        wait_for(last.exists, proc, 240, "the first epoch's checkpoint")
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    stderr = (tmp_path / "term.log").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr
+    message = stderr.strip().splitlines()[-1]
+    assert message.startswith("stopped: training stopped by SIGTERM"), message
+    stopped_at = load(last)["global_step"]
+    assert STEPS_PER_EPOCH <= stopped_at < epochs * STEPS_PER_EPOCH
+    if "after global step" in message:  # stopped at a training batch end (not during validation)
+        assert f"after global step {stopped_at}; saved '{last}'" in message
+    print(f"SIGTERM: exit {proc.returncode}, last.ckpt at step {stopped_at}: {message}")
+
+    # The requeued job runs the same command: config.yaml exists already, the folder is the same.
+    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load(last)["global_step"] == epochs * STEPS_PER_EPOCH
+    assert [p.name for p in (out / "run").iterdir()] == ["run"]
+    assert len(list((out / "run" / "run").glob("events.out.tfevents.*"))) == 2  # one per process, same folder
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_signal_in_a_batch_saves_last_at_that_step_and_the_same_command_continues(
+    signum: signal.Signals, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A signal during a training batch (SLURM's --signal=SIGUSR1@90 warning, or SIGTERM): last.ckpt
+    is saved at the end of that batch, the run stops with 128 + signal, the handlers are restored."""
+    out = tmp_path / signum.name
+    command = ["fit", *cli_args(data_root, out), "--trainer.max_epochs=3", "--ckpt_path=last"]
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    code = main.main([*command, callbacks_arg(("SignalAt", {"step": 3, "signum": int(signum)}))])
+    assert code == 128 + signum
+    last = checkpoint_dir(out) / "last.ckpt"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"stopped: training stopped by {signum.name} after global step 3; saved '{last}'; run the same command "
+        "with --ckpt_path last to continue"
+    )
+    assert load(last)["global_step"] == 3
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # nothing left installed
+
+    assert main.main(command) == 0
+    assert load(last)["global_step"] == 3 * STEPS_PER_EPOCH
+
+
+def test_batch_seed_is_a_function_of_seed_epoch_batch_and_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_modules.base import batch_seed
+
+    seeds = {batch_seed(e, b, r, s) for e in range(3) for b in range(3) for r in range(2) for s in (0, 1)}
+    assert len(seeds) == 36 and all(0 <= seed < 2**63 for seed in seeds)
+    assert batch_seed(1, 2, 0, 5) == batch_seed(1, 2, 0, 5)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    assert batch_seed(1, 2, 0) == batch_seed(1, 2, 0, 5)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The weights at the end of a 3-epoch fit that nothing interrupted."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert main.main(["fit", *cli_args(data_root, out), "--trainer.max_epochs=3"]) == 0
+    return load(checkpoint_dir(out) / "last.ckpt")["state_dict"]
+
+
+@pytest.mark.parametrize(
+    ("workers", "step"), [(0, 3), (2, 3), (2, 2)], ids=["mid-epoch", "mid-epoch-2-workers", "epoch-end-2-workers"]
+)
+def test_preempted_and_resumed_fit_ends_with_the_weights_of_an_uninterrupted_one(
+    workers: int, step: int, data_root: Path, tmp_path: Path, uninterrupted: dict[str, torch.Tensor]
+) -> None:
+    """Stopped by SIGTERM after global step ``step`` (3: within the second epoch; 2: at the end of the
+    first), then resumed: the resumed run trains on the batches the uninterrupted one trained on (the
+    resumed epoch's own shuffle and augmentation, without the batches already done) with the same
+    dropout draws, so the final weights are bitwise equal. The number of loader workers changes nothing."""
+    out = tmp_path / "preempted"
+    command = ["fit", *cli_args(data_root, out), "--trainer.max_epochs=3", f"--data.num_workers={workers}"]
+    stop = callbacks_arg(("SignalAt", {"step": step, "signum": int(signal.SIGTERM)}))
+    assert main.main([*command, "--ckpt_path=last", stop]) == 128 + signal.SIGTERM
+    assert load(checkpoint_dir(out) / "last.ckpt")["global_step"] == step
+    assert main.main([*command, "--ckpt_path=last"]) == 0
+    resumed = load(checkpoint_dir(out) / "last.ckpt")["state_dict"]
+    assert resumed.keys() == uninterrupted.keys()
+    different = [name for name in uninterrupted if not torch.equal(resumed[name], uninterrupted[name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.slow
+def test_ddp_signal_on_one_process_stops_both_at_the_same_step(data_root: Path, tmp_path: Path) -> None:
+    """2 gloo processes; only rank 1 gets SIGUSR1. Both agree to save at that batch and stop (a
+    rank that saved alone would deadlock in the collective save or the next all-reduce). Each
+    process gets 6 of the 11 training images (the training sampler pads): one step per epoch."""
+    out, epochs = tmp_path / "ddp", 5
+    command = [
+        sys.executable, "main.py", "fit", *cli_args(data_root, out), f"--trainer.max_epochs={epochs}",
+        "--trainer.strategy=ddp", "--trainer.devices=2", "--ckpt_path=last",
+    ]  # fmt: skip
+    signal_rank1 = callbacks_arg(("SignalAt", {"step": 3, "signum": int(signal.SIGUSR1), "rank": 1}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stopped = subprocess.run([*command, signal_rank1], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 128 + signal.SIGUSR1, stopped.stderr[-3000:]
+    last = checkpoint_dir(out) / "last.ckpt"
+    assert "stopped: training stopped by SIGUSR1 after global step 3" in stopped.stderr
+    assert load(last)["global_step"] == 3
+    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load(last)["global_step"] == epochs
+
+
+def test_default_logger_has_a_fixed_folder(data_root: Path, tmp_path: Path) -> None:
+    """Without a logger in the config, runs (and requeued runs) share <default_root_dir>/<method>/run;
+    an explicit logger setting is left alone."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    base = [
+        "--model=SMLSegmenter",
+        "--model.init_args.encoder_name=resnet18",
+        "--model.init_args.encoder_weights=null",
+        f"--data.root={data_root}",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    default = main.cli_main(base, run=False).trainer.logger
+    assert isinstance(default, TensorBoardLogger) and Path(default.log_dir) == tmp_path / "sml" / "run"
+    assert main.cli_main([*base, "--trainer.logger=false"], run=False).trainer.logger is None
+    configured = main.cli_main([*method_config_args("fre"), f"--data.root={data_root}"], run=False)
+    assert Path(configured.trainer.logger.log_dir) == Path("outputs/demo/fre/run")
+
+
