@@ -195,6 +195,7 @@ def _with_method_names(args: Sequence[str]) -> list[str]:
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> AnomalyCLI:
+    discover_methods()
     return AnomalyCLI(
         AnomalySegmentationModule,
         StreetHazardsDataModule,
@@ -497,6 +498,7 @@ def compare(
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    discover_methods()
     if methods is None or not isinstance(methods, dict):
         names = compare_roster(methods)
         configs = {name: str(Path(method_config_dir) / f"{name}.yaml") for name in names}

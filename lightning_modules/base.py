@@ -98,8 +98,11 @@ def all_gather_cat(tensor: Tensor) -> Tensor:
 class AnomalySegmentationModule(L.LightningModule):
     """Shared base: evaluation steps, prediction step and the post-hoc fitting loop."""
 
-    #: Short name used in result files and tables; subclasses override.
+    #: Short name used in result files and tables; set by ``registry.register_method``.
     method_name: str = "base"
+    #: Options (``model.init_args``) under which the post-hoc fit is the same on any number of
+    #: processes, for a method that subsamples per process (checked by the contract tests).
+    POSTHOC_EXACT_OPTIONS: dict[str, Any] = {}
 
     def __init__(
         self,

@@ -92,6 +92,7 @@ def register_method(
 
 def discover_methods() -> None:
     """Import every package under ``lightning_modules/`` so that its methods register themselves."""
+    importlib.invalidate_caches()  # a folder added since the last call is found too
     package = importlib.import_module("lightning_modules")
     for info in pkgutil.iter_modules(package.__path__):
         if info.ispkg:

@@ -59,6 +59,10 @@ class FRESegmenter(DeepLabV3PlusSegmenter):
             reported, as ``fre_raw``, so the effect of the smoothing stays visible.
     """
 
+    #: Options under which the post-hoc fit sees the same pixels on any number of processes (each
+    #: process otherwise draws its own subsample): used by the 1-vs-2-process equality test.
+    POSTHOC_EXACT_OPTIONS = {"max_pixels_per_class": 10**9}
+
     def __init__(
         self,
         mode: str = "predicted",
