@@ -94,12 +94,6 @@ class AnomalyCLI(LightningCLI):
         parser.add_lightning_class_args(AnomalyPredictionWriter, "predictions")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite")
-        # The prediction writer saves every output; keeping them all in memory too would take
-        # tens of GB on the full test set.
-        try:
-            parser.set_defaults({"return_predictions": False})
-        except KeyError:
-            pass  # not the predict subcommand
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # Lightning's version warns whenever args are given while sys.argv has options (as under
@@ -136,6 +130,11 @@ class AnomalyCLI(LightningCLI):
         # version_0, version_1, ... per run, so a requeued job would not find its last.ckpt. Use
         # a fixed folder instead: <default_root_dir>/<method>/run, like the shipped configs.
         config = self.config[self.subcommand] if self.subcommand else self.config
+        # The prediction writer saves every output; keeping them all in memory too would take tens
+        # of GB on the full test set. (Trainer.predict's arguments join the parser after
+        # add_arguments_to_parser runs, so its default cannot be changed there.)
+        if self.subcommand == "predict" and config.get("return_predictions") is None:
+            config.return_predictions = False
         if config.trainer.get("logger") in (None, True):
             class_path = str(config.model.get("class_path", "")) if config.get("model") else ""
             module_name, _, class_name = class_path.rpartition(".")

@@ -219,15 +219,17 @@ def load_raw_annotation(path: Path) -> np.ndarray:
     return raw
 
 
-def label_lookup(ignore_unlabeled: bool, zero_as_ignore: bool) -> np.ndarray:
-    """A 256-entry table from raw annotation value to training label (255 marks invalid values)."""
+def label_lookup(ignore_unlabeled: bool) -> np.ndarray:
+    """A 256-entry table from raw annotation value to training label (255 marks invalid values).
+
+    Raw 0 maps to 255; whether a 0 is allowed in an annotation is checked on load (``zero_label``).
+    """
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     for raw in range(RAW_LABEL_MIN, RAW_LABEL_MAX + 1):
         lut[raw] = raw - LABEL_OFFSET
     if ignore_unlabeled:
         lut[RAW_LABEL_MIN] = IGNORE_INDEX
         lut[RAW_LABEL_MIN + 1 : RAW_LABEL_MAX] -= 1  # building..traffic sign -> 0..11
-    del zero_as_ignore  # raw 0 already maps to ignore; whether it is allowed is checked on load
     return lut
 
 
@@ -297,7 +299,7 @@ class StreetHazardsDataset(Dataset):
         self.samples = list(samples)
         self.image_size = tuple(image_size) if image_size is not None else None
         self.zero_label = zero_label
-        self.lut = label_lookup(ignore_unlabeled, zero_label == "ignore")
+        self.lut = label_lookup(ignore_unlabeled)
         if anomaly_to_ignore:
             self.lut[RAW_LABEL_MAX] = IGNORE_INDEX
         self.augment = augment

@@ -166,18 +166,28 @@ class ReplayTrainBatches(L.Callback):
         datamodule.train_dataloader = train_dataloader
 
 
-def cli_args(root: Path, out: Path, method: str = "sml") -> list[str]:
-    """Arguments of a tiny run of a registered method whose log directory is ``out/run/run``."""
+def cli_args(
+    root: Path,
+    out: Path,
+    method: str = "sml",
+    *,
+    name: str = "run",
+    image_size: tuple[int, int] = (64, 96),
+    batch_size: int = 4,
+    eval_batch_size: int | None = 1,
+) -> list[str]:
+    """The one CLI-argument builder of the tests: a tiny run of a registered method on the data at
+    ``root``, logging to ``out/<name>/run`` (``checkpoint_dir(out)`` for the default name)."""
     logger = {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": str(out), "name": "run", "version": "run"},
+        "init_args": {"save_dir": str(out), "name": name, "version": "run"},
     }
     return [
         *method_config_args(method),
         f"--data.root={root}",
-        "--data.image_size=[64, 96]",
-        "--data.batch_size=4",
-        "--data.eval_batch_size=1",
+        f"--data.image_size=[{image_size[0]}, {image_size[1]}]",
+        f"--data.batch_size={batch_size}",
+        *([f"--data.eval_batch_size={eval_batch_size}"] if eval_batch_size is not None else []),
         "--data.num_workers=0",
         f"--trainer.default_root_dir={out}",
         f"--trainer.logger={json.dumps(logger)}",
@@ -238,6 +248,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _process_group_entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_in_process_group(fn: Callable[..., None], world: int, *args: Any) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes joined in a gloo process group.
+
+    ``fn`` must be a module-level function (the processes import it by name).
+    """
+    import torch.multiprocessing as mp
+
+    mp.spawn(_process_group_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
 
 
 # --------------------------------------------------------------------------------------- DDP harness

@@ -102,7 +102,8 @@ def test_a_new_folder_and_config_give_fit_test_predict_and_compare(
     args = cli_args(data_root, out, method=toy_method)
     assert main.main(["fit", *args, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2"]) == 0
     state = torch.load(checkpoint_dir(out) / "last.ckpt", weights_only=True)["state_dict"]
-    assert bool(state["posthoc_fitted"]) and state["bank"].shape == (11 * 16, 1)  # 16 max logits per image (1 per post-hoc batch)
+    # 16 max logits per post-hoc batch of 1 image, 11 training images
+    assert bool(state["posthoc_fitted"]) and state["bank"].shape == (11 * 16, 1)
 
     assert main.main(["test", *args, "--ckpt_path=last"]) == 0
     metrics = json.loads((out / "run" / "run" / "metrics.json").read_text())

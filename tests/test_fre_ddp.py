@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lightning_modules import fre
+from tests.helpers import run_in_process_group
 
 K, C, WORLD = 5, 16, 2
 
@@ -52,26 +51,16 @@ def fit_both(moments) -> dict[str, torch.Tensor]:
     }
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        shard = make_data()[rank::WORLD]  # disjoint shards, like a DistributedSampler
-        moments = moments_of(shard)
-        for t in moments:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        torch.save(fit_both(moments), Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    shard = make_data()[rank::world]  # disjoint shards, like a DistributedSampler
+    moments = moments_of(shard)
+    for t in moments:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    torch.save(fit_both(moments), Path(out_dir) / f"rank{rank}.pt")
 
 
 def test_all_reduced_moments_fit_like_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    run_in_process_group(_worker, WORLD, str(tmp_path))
     single = fit_both(moments_of(make_data()))
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")

@@ -13,7 +13,7 @@ from PIL import Image
 
 import main
 from datamodules.synthetic import write_synthetic_streethazards
-from tests.helpers import REPO, method_config_args
+from tests.helpers import REPO, cli_args, method_config_args
 
 
 @pytest.fixture(scope="module")
@@ -24,23 +24,7 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_args(root: Path, out: Path, method: str = "sml", name: str = "run") -> list[str]:
-    logger = {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": str(out), "name": name, "version": "run"},
-    }
-    return [
-        *method_config_args(method),
-        f"--data.root={root}",
-        "--data.image_size=[64, 96]",
-        "--data.batch_size=4",
-        "--data.num_workers=0",
-        f"--trainer.default_root_dir={out}",
-        f"--trainer.logger={json.dumps(logger)}",
-        "--trainer.limit_train_batches=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-    ]
+    return [*cli_args(root, out, method, name=name, eval_batch_size=None), "--trainer.limit_train_batches=2"]
 
 
 def last_checkpoint(out: Path, name: str = "run") -> dict:

@@ -20,8 +20,8 @@ import pytest
 
 import main
 from datamodules.synthetic import write_synthetic_streethazards
+from tests.helpers import cli_args
 
-REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 30
 DUAL_DECODER_EPOCHS = 12
 
@@ -36,22 +36,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def args(root: Path, out: Path, method: str) -> list[str]:
-    logger = {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": str(out), "name": method, "version": "run"},
-    }
     return [
-        f"--config={REPO / 'configs/demo.yaml'}",
-        f"--config={REPO / 'configs/method/demo' / (method + '.yaml')}",
-        f"--data.root={root}",
-        "--data.image_size=[64, 112]",
-        "--data.batch_size=8",
-        "--data.num_workers=0",
-        f"--trainer.default_root_dir={out}",
-        f"--trainer.logger={json.dumps(logger)}",
+        *cli_args(root, out, method, name=method, image_size=(64, 112), batch_size=8, eval_batch_size=None),
+        "--trainer.limit_val_batches=1.0",
         f"--trainer.max_epochs={EPOCHS}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
         "--heatmaps.every_n_batches=1000",
     ]
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from lightning_modules.base import class_weights_from_frequencies
 from lightning_modules.checkpoints import CheckpointError
@@ -20,6 +17,7 @@ from lightning_modules.segmenter import (
     build_encoder,
 )
 from lightning_modules.sml import SMLSegmenter
+from tests.helpers import run_in_process_group
 
 NUM_CLASSES = 5
 
@@ -100,27 +98,15 @@ def test_checkpoint_round_trip_restores_statistics(tmp_path: Path) -> None:
     assert restored.hparams.sml["boundary_width"] == 2
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        model = tiny_sml()
-        shard = batches(4)[rank::world_size]
-        model.fit_posthoc(shard)
-        torch.save({k: v for k, v in model.state_dict().items() if k.startswith("sml.")},
-                   Path(out_dir) / f"rank{rank}.pt")  # fmt: skip
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _ddp_worker(rank: int, world_size: int, out_dir: str) -> None:
+    model = tiny_sml()
+    shard = batches(4)[rank::world_size]
+    model.fit_posthoc(shard)
+    torch.save({k: v for k, v in model.state_dict().items() if k.startswith("sml.")}, Path(out_dir) / f"rank{rank}.pt")
 
 
 def test_statistics_under_two_ddp_processes_equal_one_process(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_in_process_group(_ddp_worker, 2, str(tmp_path))
     single = tiny_sml()
     single.fit_posthoc(batches(4))
     for rank in range(2):
