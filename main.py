@@ -38,7 +38,7 @@ from lightning_modules.checkpoints import (
     resolve_ckpt_path,
     upgrade_hyperparameters,
 )
-from lightning_modules.registry import discover_methods, get_method
+from lightning_modules.registry import discover_methods, get_method, roster
 from lightning_modules.registry import methods as methods_registry
 
 discover_methods()
@@ -294,22 +294,6 @@ def _method_args(configs: Sequence[str], name: str, output_dir: Path, overrides:
     ]
 
 
-def compare_roster(names: Collection[str] | None = None) -> list[str]:
-    """Methods in the order compare runs and lists them: trained from scratch, then scoring another's
-    network, then starting from another's network; by name within each group."""
-    registry = methods_registry()
-    if names is None:
-        names = [name for name, entry in registry.items() if entry.compared_by_default]
-
-    def group(name: str) -> int:
-        entry = registry.get(name)
-        if entry is None:
-            return 0
-        return 2 if entry.init_from else 1 if entry.scores_network_of else 0
-
-    return sorted(names, key=lambda name: (group(name), name))
-
-
 def _records_of(name: str, results: dict[str, Any], extra: dict[str, Any], listed: Collection[str] = ()) -> list[dict]:
     """One record per score of a method's test results; extra scores named in ``listed`` are skipped."""
     records = []
@@ -499,10 +483,10 @@ def compare(
     out.mkdir(parents=True, exist_ok=True)
     discover_methods()
     if methods is None or not isinstance(methods, dict):
-        names = compare_roster(methods)
+        names = roster(methods)
         configs = {name: str(Path(method_config_dir) / f"{name}.yaml") for name in names}
     else:
-        names = compare_roster(methods)
+        names = roster(methods)
         configs = dict(methods)
     for name in names:
         if not Path(configs[name]).is_file():

@@ -55,9 +55,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import parse_bool, print_device_header, select_device, synchronize  # noqa: E402
 from datamodules.streethazards import list_split  # noqa: E402
 from datamodules.synthetic import write_synthetic_streethazards  # noqa: E402
+from lightning_modules.registry import discover_methods, methods, roster  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("sml", "fre", "dual_decoder")
+discover_methods()
+METHODS = tuple(roster(methods()))
 FULL_TEST_SPLIT = 1500
 
 
@@ -236,7 +238,9 @@ def _checkpoint(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda, cuda:1, cpu (default: cuda)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all three")
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: every registered method"
+    )
     parser.add_argument("--height", type=int, default=720, help="test image height (default: 720, native)")
     parser.add_argument("--width", type=int, default=1280, help="test image width (default: 1280, native)")
     parser.add_argument(

@@ -44,15 +44,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import print_device_header, select_device, synchronize  # noqa: E402
 from datamodules.labels import ANOMALY_INDEX, NUM_CLASSES  # noqa: E402
 from lightning_modules.base import AnomalySegmentationModule  # noqa: E402
-from lightning_modules.registry import discover_methods, methods  # noqa: E402
+from lightning_modules.registry import discover_methods, methods, roster  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 discover_methods()
 # Every registered method that trains a network of its own (FRE scores SML's), with its real-data config.
 METHODS: dict[str, tuple[type[AnomalySegmentationModule], str]] = {
-    name: (entry.cls, str(entry.config(demo=False).relative_to(REPO)))
-    for name, entry in methods().items()
-    if entry.scores_network_of is None
+    name: (methods()[name].cls, str(methods()[name].config(demo=False).relative_to(REPO)))
+    for name in roster(methods())
+    if methods()[name].scores_network_of is None
 }
 CONFIGS = ("fp32", "fp32-cl", "mixed", "mixed-cl")
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["MethodEntry", "discover_methods", "get_method", "method_names", "methods", "register_method"]
+__all__ = ["MethodEntry", "discover_methods", "get_method", "method_names", "methods", "register_method", "roster"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 #: Where each method's configs live: ``configs/method/<name>.yaml`` (real data) and
@@ -106,6 +106,22 @@ def methods() -> dict[str, MethodEntry]:
 
 def method_names() -> list[str]:
     return list(_REGISTRY)
+
+
+def roster(names: Collection[str] | None = None) -> list[str]:
+    """Methods in the order tables list them: those that train a network from scratch, then those
+    scoring another's network, then those starting from another's network; by name within each.
+    ``None``: every method registered as compared by default."""
+    if names is None:
+        names = [name for name, entry in _REGISTRY.items() if entry.compared_by_default]
+
+    def group(name: str) -> int:
+        entry = _REGISTRY.get(name)
+        if entry is None:
+            return 0
+        return 2 if entry.init_from else 1 if entry.scores_network_of else 0
+
+    return sorted(names, key=lambda name: (group(name), name))
 
 
 def get_method(name: str) -> MethodEntry:
