@@ -130,6 +130,18 @@ def test_dce_and_variance_loss_equal_the_definitions(gamma: float) -> None:
     torch.testing.assert_close(dce, torch_ce)
 
 
+def test_with_one_hot_prototypes_dce_is_cross_entropy_on_scaled_embeddings() -> None:
+    # -||f - T e_k||^2 = 2T f_k - ||f||^2 - T^2: the last two terms do not depend on k, so the
+    # softmax (DCE, MMSP, entropy) only sees 2T f; EDS and VL see the norm it drops.
+    embedding, target = embedding_and_target(7)
+    d = squared_distances(embedding, fixed_prototypes(K, 3.0, F64))
+    logits = 2 * 3.0 * embedding
+    known = torch.where((target >= 0) & (target < K), target, IGNORE_INDEX)
+    ce = torch.nn.functional.cross_entropy(logits, known, ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(dce_loss(d, target), ce, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mmsp_score(d), 1 - logits.softmax(dim=1).amax(dim=1), rtol=1e-9, atol=1e-12)
+
+
 def test_losses_without_known_pixels_are_zero_with_a_graph() -> None:
     embedding, _ = embedding_and_target(3)
     embedding.requires_grad_(True)
