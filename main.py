@@ -249,10 +249,10 @@ def build_compare_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--methods",
-        type=list[str] | dict[str, str] | None,
+        type=list[str] | dict[str, str] | str | None,
         default=None,
-        help="Method names (configs from method_config_dir), or name -> config; default: every registered "
-        "method compared by default.",
+        help="Method names (configs from method_config_dir), or name -> config, or 'all'; default: every "
+        "registered method compared by default.",
     )
     parser.add_argument(
         "--scores_network_of",
@@ -463,7 +463,7 @@ def plot_comparison(
 
 def compare(
     output_dir: str,
-    methods: Sequence[str] | dict[str, str] | None = None,
+    methods: Sequence[str] | dict[str, str] | str | None = None,
     scores_network_of: dict[str, str] | None = None,
     overrides: Sequence[str] = (),
     reuse_checkpoints: bool = True,
@@ -475,13 +475,16 @@ def compare(
     """Run the comparison and write its three files; return the records.
 
     ``methods``: names (their configs are ``method_config_dir/<name>.yaml``) or name -> config;
-    ``None``: every registered method compared by default. Each method runs with ``base_config``
-    (data and trainer) and its own config on top. ``scores_network_of`` / ``init_from`` default to
-    what the methods registered, restricted to the methods run.
+    ``None``: every registered method compared by default; ``"all"``: every registered method.
+    Each method runs with ``base_config`` (data and trainer) and its own config on top.
+    ``scores_network_of`` / ``init_from`` default to what the methods registered, restricted to
+    the methods run.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     discover_methods()
+    if methods == "all" or methods == ["all"]:
+        methods = list(methods_registry())
     if methods is None or not isinstance(methods, dict):
         names = roster(methods)
         configs = {name: str(Path(method_config_dir) / f"{name}.yaml") for name in names}

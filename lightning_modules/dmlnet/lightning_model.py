@@ -16,7 +16,7 @@ from lightning_modules.scoring.baselines import entropy_score, max_logit_score
 from lightning_modules.segmenter import DeepLabV3PlusSegmenter
 
 
-@register_method("dmlnet")
+@register_method("dmlnet", compared_by_default=False)
 class DMLNetSegmenter(DeepLabV3PlusSegmenter):
     """DeepLabV3+ whose ``K`` outputs are an embedding, classified by distance to fixed prototypes.
 
