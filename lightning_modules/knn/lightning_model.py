@@ -138,12 +138,17 @@ class KNNSegmenter(DeepLabV3PlusSegmenter):
         return ["sha:" + hashlib.blake2b(image.numpy().tobytes(), digest_size=16).hexdigest() for image in images]
 
     def update_posthoc(self, batch: Mapping[str, Tensor], pass_index: int) -> None:
-        hp = self.hparams
         features, _ = self.features_and_logits(batch["image"])
-        labels = resize_labels_nearest(batch["mask"], tuple(features.shape[-2:])).flatten(1)
+        self.accumulate_features(features, batch["mask"], self._image_keys(batch))
+
+    def accumulate_features(self, features: Tensor, mask: Tensor, keys: Sequence[str]) -> None:
+        """Add the drawn pixels of a batch's features ``[B, C, h, w]`` (labels ``mask [B, H, W]``,
+        image identities ``keys``) to the bank accumulators."""
+        hp = self.hparams
+        labels = resize_labels_nearest(mask, tuple(features.shape[-2:])).flatten(1)
         rows = self._rows(features)
         banks, priorities, classes = [self.bank], [self.bank_priorities], [self.bank_labels]
-        for b, key in enumerate(self._image_keys(batch)):
+        for b, key in enumerate(keys):
             drawn = pixel_priorities(labels.shape[1], image_seed(hp.seed, key)).to(labels.device)
             valid = (labels[b] < self.num_classes).nonzero().squeeze(1)
             balance = labels[b, valid] if hp.class_balanced else None
