@@ -43,6 +43,8 @@ class KNNSegmenter(DeepLabV3PlusSegmenter):
     chosen at random by a generator seeded with the image's name (so the bank does not depend on
     the number of processes or the order of the images), then ``bank_size`` of those rows over
     the whole split, again by their seeded priorities. The bank is a buffer, saved in the checkpoint.
+    The defaults are the official code's (k = 3, mean distance, 100,000 rows, raw features); the
+    configs normalise (measured in ``lightning_modules/knn/README.md``).
 
     Args (besides the segmenter's, see ``DeepLabV3PlusSegmenter``):
         k: neighbours per pixel (the official code's default: 3).
@@ -66,7 +68,7 @@ class KNNSegmenter(DeepLabV3PlusSegmenter):
         reduction: str = "mean",
         feature_layer: str = "decoder",
         normalize: bool = False,
-        pixels_per_image: int = 100,
+        pixels_per_image: int = 40,
         bank_size: int | None = 100_000,
         class_balanced: bool = False,
         seed: int = 0,
