@@ -315,3 +315,31 @@ def test_a_method_ignoring_the_energy_temperature_is_refused() -> None:
     default = BareBaselines(encoder_name="resnet18", encoder_weights=None).eval()
     with torch.no_grad():
         assert "energy" in default._evaluation_step(batch)["scores"]
+
+
+# ----------------------------------------------------------------------------- benchmark script
+def test_benchmark_script_runs_both_modes(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``benchmarks/knn_scoring.py`` at the tiniest sizes, so that it keeps working."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "knn_scoring.py"
+    spec = importlib.util.spec_from_file_location("benchmark_knn_scoring", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(
+        ["--device", "cpu", "--bank-sizes", "16", "--images", "1", "--feature-size", "4", "4", "--repeats", "1"]
+    )
+    assert "| 16 |" in capsys.readouterr().out
+
+    model = tiny_model()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "segmenter.ckpt")
+    argv = ["--device", "cpu", "--ckpt", str(tmp_path / "segmenter.ckpt"), "--root", str(data_root)]
+    argv += ["--heldout-images", "3", "--heldout-size", "64", "96", "--image-size", "64", "96"]
+    argv += ["--heldout-dir", str(tmp_path), "--base", "bank_size=40", "pixels_per_image=8", "--vary", "k=1"]
+    script.main(argv)
+    out = capsys.readouterr().out
+    assert (
+        "| bank_size=40, pixels_per_image=8 | 40 |" in out and "| bank_size=40, pixels_per_image=8, k=1 | 40 |" in out
+    )
