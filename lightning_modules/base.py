@@ -18,6 +18,7 @@ post-hoc fit follows from whether it declared accumulators.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
+from lightning_modules.scoring.baselines import baseline_scores
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,7 @@ class AnomalySegmentationModule(L.LightningModule):
         poly_power: float = 0.9,
         ignore_index: int = IGNORE_INDEX,
         anomaly_index: int = ANOMALY_INDEX,
+        energy_temperature: float = 1.0,
     ) -> None:
         """Training options shared by every method.
 
@@ -126,6 +129,9 @@ class AnomalySegmentationModule(L.LightningModule):
                 frequencies are counted once over the training split and cached by the datamodule.
             optimizer: 'adamw' or 'sgd' (Nesterov); ``lr``, ``weight_decay``, ``momentum`` (SGD).
             scheduler: 'poly' (power ``poly_power``), 'cosine' or 'none', stepped per batch.
+            energy_temperature: ``T`` of the energy baseline ``-T logsumexp(logits / T)``, for the
+                methods that compute their baselines with :meth:`baseline_scores`; recorded in
+                :meth:`scoring_options`.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -136,7 +142,13 @@ class AnomalySegmentationModule(L.LightningModule):
         ):
             if value not in allowed:
                 raise ValueError(f"model.{name} must be one of {allowed}, got '{value}'")
+        if isinstance(energy_temperature, bool) or not (math.isfinite(energy_temperature) and energy_temperature > 0):
+            raise ValueError(f"model.energy_temperature must be a finite number > 0, got {energy_temperature!r}")
         self.num_classes = num_classes
+        self.energy_temperature = float(energy_temperature)
+        # Set by baseline_scores(): a method that computes its baselines with the bare function
+        # would report the energy at T = 1 whatever the option says; the evaluation step refuses that.
+        self._baselines_tempered = False
         self.ignore_index = ignore_index
         self.anomaly_index = anomaly_index
         self.register_buffer("class_weights", torch.ones(num_classes))
@@ -152,7 +164,12 @@ class AnomalySegmentationModule(L.LightningModule):
 
     def scoring_options(self) -> dict[str, Any]:
         """Options that shape the scores (e.g. SML's post-processing), recorded in ``metrics.json``."""
-        return {}
+        return {"energy_temperature": self.energy_temperature}
+
+    def baseline_scores(self, logits: Tensor) -> dict[str, Tensor]:
+        """The logit baselines (MSP, MaxLogit, entropy, energy at ``energy_temperature``) of ``logits``."""
+        self._baselines_tempered = True
+        return baseline_scores(logits, self.energy_temperature)
 
     # ----------------------------------------------------------------- training
     def setup(self, stage: str) -> None:
@@ -201,6 +218,12 @@ class AnomalySegmentationModule(L.LightningModule):
     # ----------------------------------------------------------------- evaluation steps
     def _evaluation_step(self, batch: Mapping[str, Tensor]) -> dict[str, object]:
         output = self.segment(batch["image"])
+        if self.energy_temperature != 1.0 and "energy" in output.scores and not self._baselines_tempered:
+            raise ValueError(
+                f"model.energy_temperature is {self.energy_temperature}, but {type(self).__name__} computes its "
+                "baselines with lightning_modules.scoring.baselines.baseline_scores(logits), at T = 1; it must call "
+                "self.baseline_scores(logits) to honour the option"
+            )
         return {"logits": output.logits, "scores": output.scores}
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, object]:

@@ -108,7 +108,7 @@ def test_a_new_folder_and_config_give_fit_test_predict_and_compare(
     assert main.main(["test", *args, "--ckpt_path=last"]) == 0
     metrics = json.loads((out / "run" / "run" / "metrics.json").read_text())
     assert metrics["method"] == toy_method and metrics["primary_score"] == "toy_bank"
-    assert set(metrics["scores"]) == {"toy_bank", "msp", "maxlogit", "entropy"}
+    assert set(metrics["scores"]) == {"toy_bank", "msp", "maxlogit", "entropy", "energy"}
 
     images = tmp_path / "images"
     images.mkdir()

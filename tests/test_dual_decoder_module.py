@@ -129,7 +129,7 @@ def test_segment_reports_own_score_sml_and_baselines() -> None:
     with torch.no_grad():
         out = model.segment(image)
         logits, embedding = model(image)
-    assert list(out.scores) == ["dual_decoder", "sml", "msp", "maxlogit", "entropy"]
+    assert list(out.scores) == ["dual_decoder", "sml", "msp", "maxlogit", "entropy", "energy"]
     expected = dual_decoder_anomaly_score(
         logits, embedding, model.class_means.float(), model.class_stds.float(), 1.0, model.class_valid
     )

@@ -73,7 +73,7 @@ def test_every_mode_scores_at_input_resolution(mode: str) -> None:
     with torch.no_grad():
         out = model.segment(torch.randn(1, 3, 40, 72))
     assert out.scores["fre"].shape == (1, 40, 72) and torch.isfinite(out.scores["fre"]).all()
-    assert list(out.scores) == ["fre", "msp", "maxlogit", "entropy"]
+    assert list(out.scores) == ["fre", "msp", "maxlogit", "entropy", "energy"]
 
 
 def test_bad_mode_is_rejected() -> None:
@@ -90,7 +90,7 @@ def test_smoothing_dilation_smooths_the_score_and_keeps_the_raw_one() -> None:
     with torch.no_grad():
         raw = plain.eval().segment(image).scores
         out = smoothed.eval().segment(image).scores
-    assert list(out) == ["fre", "fre_raw", "msp", "maxlogit", "entropy"]
+    assert list(out) == ["fre", "fre_raw", "msp", "maxlogit", "entropy", "energy"]
     torch.testing.assert_close(out["fre_raw"], raw["fre"])
     # Reference: a 7x7 Gaussian (sigma 1, normalised) with dilation 2 over a replicate-padded map, float64.
     taps = torch.exp(-((torch.arange(7, dtype=torch.float64) - 3) ** 2) / 2)

@@ -47,7 +47,7 @@ def test_fit_interrupted_after_one_epoch_resumes_to_same_step_count(tiny_root: P
     assert main.main(["test", *tiny_args(tiny_root, resumed), "--ckpt_path=last"]) == 0
     metrics = json.loads((resumed / "run" / "run" / "metrics.json").read_text())
     assert metrics["method"] == "sml" and metrics["split"] == "test" and metrics["num_images"] == 6
-    assert set(metrics["scores"]) == {"sml", "msp", "maxlogit", "entropy"}
+    assert set(metrics["scores"]) == {"sml", "msp", "maxlogit", "entropy", "energy"}
     assert metrics["checkpoint"].endswith("last.ckpt")
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from lightning_modules.scoring.baselines import baseline_scores, energy_score
 from lightning_modules.sml import (
     dilated_smoothing,
     entropy_score,
@@ -413,3 +414,64 @@ def test_baselines_match_numpy_formulas() -> None:
     assert msp_ref[0, 0, 0] < 1e-7
     np.testing.assert_allclose(msp[0, 0, 0], msp_ref[0, 0, 0], rtol=RTOL)
     np.testing.assert_allclose(entropy[0, 0, 0], entropy_ref[0, 0, 0], rtol=RTOL)
+
+
+def ref_energy(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """``-T log sum_k exp(l_k / T)`` in float64, straight from the definition (shifted by the max)."""
+    x = logits.astype(np.float64) / temperature
+    top = x.max(axis=1)
+    return -temperature * (top + np.log(np.exp(x - top[:, None]).sum(axis=1)))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0, 1000.0])
+def test_energy_matches_float64_formula(temperature: float) -> None:
+    rng = np.random.default_rng(5)
+    logits = (rng.normal(size=(2, 6, 5, 7)) * 3.0).astype(np.float32)
+    logits[0, :, 0, 1] = 4.0  # a tie between every class: E = -(4 + T log 6)
+    logits[0, 3, 0, 2], logits[0, :3, 0, 2] = 40.0, 39.0  # a near tie
+    logits[1, :, 1, 1] = rng.normal(size=6) * 1e4  # large magnitude
+    logits[1, :, 2, 2] = rng.normal(size=6) * 1e4 - 3e4
+    logits[1, :, 3, 3] = 0.0
+    logits[1, 0, 3, 3] = 1e-6  # the max logit near 0 with a confident softmax
+    logits[1, 1:, 4, 4], logits[1, 0, 4, 4] = -30.0, 0.0  # E = -log(1 + 5 e^-30): needs log1p
+    energy = energy_score(to_t(logits), temperature)
+    assert energy.dtype == torch.float32 and energy.shape == (2, 5, 7)
+    ref = ref_energy(logits, temperature)
+    # At [1, 4, 4] E ~ -T 5 e^(-30/T): log(1 + tiny) loses it even in float64, so that pixel is
+    # checked against its closed form instead.
+    general = np.ones(ref.shape, dtype=bool)
+    general[1, 4, 4] = False
+    np.testing.assert_allclose(energy.numpy()[general], ref[general], rtol=RTOL, atol=0)
+    np.testing.assert_allclose(energy[0, 0, 1].item(), -(4.0 + temperature * np.log(6.0)), rtol=1e-6)
+    closed_form = -temperature * np.log1p(5 * np.exp(-30.0 / temperature))
+    np.testing.assert_allclose(energy[1, 4, 4].item(), closed_form, rtol=1e-6)
+    # higher = more anomalous: the same logit pattern at a larger magnitude (more confident) scores lower
+    weak = np.array([1.0, 0.0, -1.0], dtype=np.float32).reshape(1, 3, 1, 1)
+    assert energy_score(to_t(weak), temperature) > energy_score(to_t(5 * weak), temperature)
+
+
+def test_energy_extremes_small_temperature_and_half_precision() -> None:
+    # logits near float32's range and T << 1: dividing the logits by T first would overflow
+    logits = np.array([3e38, -3e38, 1e38], dtype=np.float32).reshape(1, 3, 1, 1)
+    energy = energy_score(to_t(logits), 1e-3)
+    assert torch.isfinite(energy).all() and energy.item() == pytest.approx(-3e38, rel=1e-6)
+    # T -> 0 tends to -max logit, T large to -T log K - mean logit
+    small = to_t(np.array([1.0, 2.0, 3.0], dtype=np.float32).reshape(1, 3, 1, 1))
+    assert energy_score(small, 1e-4).item() == pytest.approx(-3.0, abs=1e-6)
+    assert energy_score(small, 1e6).item() == pytest.approx(-1e6 * np.log(3.0) - 2.0, rel=1e-6)
+    low = to_t(blocky_logits(12)).to(torch.bfloat16)
+    for temperature in (1.0, 0.3):
+        out = energy_score(low, temperature)
+        assert out.dtype == torch.float32
+        np.testing.assert_allclose(out.numpy(), ref_energy(low.float().numpy(), temperature), rtol=RTOL, atol=ATOL)
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="temperature"):
+            energy_score(small, bad)
+
+
+def test_baseline_scores_report_energy_at_the_temperature() -> None:
+    logits = to_t(blocky_logits(13))
+    scores = baseline_scores(logits)
+    assert list(scores) == ["msp", "maxlogit", "entropy", "energy"]
+    assert torch.equal(scores["energy"], energy_score(logits))
+    assert torch.equal(baseline_scores(logits, 2.5)["energy"], energy_score(logits, 2.5))

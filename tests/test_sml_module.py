@@ -81,7 +81,7 @@ def test_sml_score_uses_fitted_statistics() -> None:
         expected = sml_anomaly_score(
             model(image), model.sml.means.float(), model.sml.stds.float(), boundary_width=2, boundary_iterations=2
         )
-    assert list(out.scores) == ["sml", "msp", "maxlogit", "entropy"]
+    assert list(out.scores) == ["sml", "msp", "maxlogit", "entropy", "energy"]
     torch.testing.assert_close(out.scores["sml"], expected)
 
 

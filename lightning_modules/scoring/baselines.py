@@ -1,9 +1,11 @@
-"""Anomaly scores that any segmenter gets for free from its logits: MSP, MaxLogit, entropy.
+"""Anomaly scores that any segmenter gets for free from its logits: MSP, MaxLogit, entropy, energy.
 
 Pure tensor functions ``logits [B, K, H, W] -> score [B, H, W]``, higher = more anomalous.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -22,17 +24,21 @@ def _check_logits(logits: Tensor, name: str = "logits") -> Tensor:
     return logits.detach()
 
 
-def _softmax_tail(logits: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _softmax_tail(logits: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(logits, l_max [B,H,W], e [B,K,H,W], s [B,H,W])``: the checked (upcast) logits,
-    ``e_k = exp(l_k - l_max)`` except 0 at the argmax, and ``s = sum_k e_k``, so that
-    ``p_max = 1 / (1 + s)``. Logits must be finite.
+    ``e_k = exp((l_k - l_max) / T)`` except 0 at the argmax, and ``s = sum_k e_k``, so that
+    ``p_max = 1 / (1 + s)`` for the softmax at temperature ``T``. Logits must be finite.
 
     Keeping the non-maximal mass ``s`` separate avoids ``1 - p_max`` and ``log p_max`` rounding to
-    0 for confident pixels (most pixels), which would tie them and blunt AUROC/AUPR.
+    0 for confident pixels (most pixels), which would tie them and blunt AUROC/AUPR. Dividing the
+    (non-positive) differences rather than the logits by ``T`` cannot overflow.
     """
     logits = _check_logits(logits)
     l_max, argmax = logits.max(dim=1, keepdim=True)
-    e = torch.exp(logits - l_max).scatter_(1, argmax, 0.0)
+    shifted = logits - l_max
+    if temperature != 1.0:
+        shifted = shifted / temperature
+    e = torch.exp(shifted).scatter_(1, argmax, 0.0)
     return logits, l_max.squeeze(1), e, e.sum(dim=1)
 
 
@@ -63,10 +69,28 @@ def entropy_score(logits: Tensor) -> Tensor:
     return torch.log1p(s) + spread / (1.0 + s)
 
 
-#: Baseline scores reported beside every segmenter-based method, in table order.
-BASELINES = {"msp": msp_score, "maxlogit": max_logit_score, "entropy": entropy_score}
+def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Free energy ``E = -T logsumexp_k(logits_k / T)`` (Liu et al., NeurIPS 2020), ``[B, H, W]``.
+
+    In-distribution pixels have lower energy, so ``E`` itself is the anomaly score (higher = more
+    anomalous). Evaluated in float32 (half precision upcast) as ``-(l_max + T log1p(s))`` with
+    ``s = sum_{k != argmax} exp((l_k - l_max) / T)``: no overflow for large logits or small ``T``,
+    and ``log1p`` keeps the small non-maximal mass that ``log(1 + s)`` would round away, which
+    would tie confident pixels whose max logit is near 0.
+    """
+    if isinstance(temperature, bool) or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"energy temperature must be a finite number > 0, got {temperature!r}")
+    _, l_max, _, s = _softmax_tail(logits, temperature)
+    return -(l_max + temperature * torch.log1p(s))
 
 
-def baseline_scores(logits: Tensor) -> dict[str, Tensor]:
-    """All baseline scores of ``logits`` by name."""
-    return {name: fn(logits) for name, fn in BASELINES.items()}
+#: Baseline scores reported beside every segmenter-based method, in table order. Each takes the
+#: logits only; the energy's temperature is passed by ``baseline_scores``.
+BASELINES = {"msp": msp_score, "maxlogit": max_logit_score, "entropy": entropy_score, "energy": energy_score}
+
+
+def baseline_scores(logits: Tensor, temperature: float = 1.0) -> dict[str, Tensor]:
+    """All baseline scores of ``logits`` by name; ``temperature`` is the energy score's ``T``."""
+    scores = {name: fn(logits) for name, fn in BASELINES.items() if name != "energy"}
+    scores["energy"] = energy_score(logits, temperature)
+    return scores
