@@ -146,9 +146,6 @@ class AnomalySegmentationModule(L.LightningModule):
             raise ValueError(f"model.energy_temperature must be a finite number > 0, got {energy_temperature!r}")
         self.num_classes = num_classes
         self.energy_temperature = float(energy_temperature)
-        # Set by baseline_scores(): a method that computes its baselines with the bare function
-        # would report the energy at T = 1 whatever the option says; the evaluation step refuses that.
-        self._baselines_tempered = False
         self.ignore_index = ignore_index
         self.anomaly_index = anomaly_index
         self.register_buffer("class_weights", torch.ones(num_classes))
@@ -168,7 +165,6 @@ class AnomalySegmentationModule(L.LightningModule):
 
     def baseline_scores(self, logits: Tensor) -> dict[str, Tensor]:
         """The logit baselines (MSP, MaxLogit, entropy, energy at ``energy_temperature``) of ``logits``."""
-        self._baselines_tempered = True
         return baseline_scores(logits, self.energy_temperature)
 
     # ----------------------------------------------------------------- training
@@ -218,12 +214,6 @@ class AnomalySegmentationModule(L.LightningModule):
     # ----------------------------------------------------------------- evaluation steps
     def _evaluation_step(self, batch: Mapping[str, Tensor]) -> dict[str, object]:
         output = self.segment(batch["image"])
-        if self.energy_temperature != 1.0 and "energy" in output.scores and not self._baselines_tempered:
-            raise ValueError(
-                f"model.energy_temperature is {self.energy_temperature}, but {type(self).__name__} computes its "
-                "baselines with lightning_modules.scoring.baselines.baseline_scores(logits), at T = 1; it must call "
-                "self.baseline_scores(logits) to honour the option"
-            )
         return {"logits": output.logits, "scores": output.scores}
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, object]:

@@ -287,7 +287,7 @@ def test_segment_gives_every_score_at_the_image_size() -> None:
         out = model.segment(image)
         distances = model.distances(image)
     assert out.logits.shape == (2, K, 50, 70)
-    assert list(out.scores) == ["dmlnet", "mmsp", "eds", "maxlogit", "entropy"]
+    assert list(out.scores) == ["dmlnet", "mmsp", "eds", "maxlogit", "entropy", "energy"]
     for name, score in out.scores.items():
         assert score.shape == (2, 50, 70) and bool(torch.isfinite(score).all()), name
     # the logits are the negative distances: their argmax is the nearest prototype

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.base import MethodOutput
 from lightning_modules.knn import (
     KNNSegmenter,
     class_ranks,
@@ -23,8 +21,7 @@ from lightning_modules.knn import (
     reduce_distances,
     select_rows,
 )
-from lightning_modules.scoring.baselines import baseline_scores, energy_score
-from lightning_modules.segmenter import DeepLabV3PlusSegmenter
+from lightning_modules.scoring.baselines import energy_score
 
 
 def brute_force(queries: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
@@ -297,24 +294,6 @@ def test_energy_temperature_is_applied_and_recorded() -> None:
         model._evaluation_step({"image": image})  # honoured: no complaint
     with pytest.raises(ValueError, match="energy_temperature"):
         tiny_model(energy_temperature=0.0)
-
-
-class BareBaselines(DeepLabV3PlusSegmenter):
-    """A method that computes its baselines with the bare function (at T = 1)."""
-
-    def segment(self, image: torch.Tensor) -> MethodOutput:
-        logits = self(image)
-        return MethodOutput(logits, baseline_scores(logits))
-
-
-def test_a_method_ignoring_the_energy_temperature_is_refused() -> None:
-    batch: Mapping[str, torch.Tensor] = {"image": torch.randn(1, 3, 64, 96)}
-    model = BareBaselines(encoder_name="resnet18", encoder_weights=None, energy_temperature=3.0).eval()
-    with torch.no_grad(), pytest.raises(ValueError, match="self.baseline_scores"):
-        model._evaluation_step(batch)
-    default = BareBaselines(encoder_name="resnet18", encoder_weights=None).eval()
-    with torch.no_grad():
-        assert "energy" in default._evaluation_step(batch)["scores"]
 
 
 # ----------------------------------------------------------------------------- benchmark script

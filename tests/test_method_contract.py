@@ -124,3 +124,16 @@ def test_posthoc_state_on_two_processes_equals_one(name: str, data_root: Path, t
         else:
             torch.testing.assert_close(rank0[key], one[key], rtol=1e-10, atol=1e-9, msg=key)
     assert bool(rank0["posthoc_fitted"]) and bool(one["posthoc_fitted"])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_energy_is_computed_at_the_configured_temperature(name: str, data_root: Path, tmp_path: Path) -> None:
+    from lightning_modules.scoring.baselines import energy_score
+
+    args = [*cli_args(data_root, tmp_path, method=name), "--model.init_args.energy_temperature=3.0"]
+    model = main.cli_main(args, run=False).model.eval()
+    assert model.scoring_options()["energy_temperature"] == 3.0
+    with torch.no_grad():
+        output = model.segment(torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0)))
+    if "energy" in output.scores:
+        torch.testing.assert_close(output.scores["energy"], energy_score(output.logits, 3.0))

@@ -12,7 +12,7 @@ from lightning_modules.dmlnet.functional import distance_logits, dmlnet_scores
 from lightning_modules.dmlnet.loss import dmlnet_loss
 from lightning_modules.dmlnet.torch_model import PrototypeHead
 from lightning_modules.registry import register_method
-from lightning_modules.scoring.baselines import entropy_score, max_logit_score
+from lightning_modules.scoring.baselines import energy_score, entropy_score, max_logit_score
 from lightning_modules.segmenter import DeepLabV3PlusSegmenter
 
 
@@ -23,7 +23,7 @@ class DMLNetSegmenter(DeepLabV3PlusSegmenter):
     Trained with the distance-based cross-entropy plus ``variance_weight`` times the variance
     loss; the closed-set prediction is the nearest prototype. Scores (higher = more anomalous):
     ``dmlnet`` (the fusion of EDS and MMSP, the method's own), ``mmsp``, ``eds``, and the
-    ``maxlogit`` and ``entropy`` baselines of the distance logits (MaxLogit of ``-gamma d`` is the
+    ``maxlogit``, ``entropy`` and ``energy`` baselines of the distance logits (MaxLogit of ``-gamma d`` is the
     distance to the nearest prototype; MSP of them is ``mmsp``). Nothing is fitted after training.
 
     Args (besides the segmenter's, see ``DeepLabV3PlusSegmenter``):
@@ -73,6 +73,7 @@ class DMLNetSegmenter(DeepLabV3PlusSegmenter):
     def scoring_options(self) -> dict[str, Any]:
         hp = self.hparams
         return {
+            **super().scoring_options(),
             "dmlnet": {
                 "prototype_magnitude": hp.prototype_magnitude,
                 "gamma": hp.gamma,
@@ -87,5 +88,11 @@ class DMLNetSegmenter(DeepLabV3PlusSegmenter):
         distances = self.distances(image)
         logits = distance_logits(distances, hp.gamma)
         scores = dmlnet_scores(distances, hp.gamma, hp.eds_clip, hp.fusion_threshold, hp.fusion_sharpness)
-        scores.update({"maxlogit": max_logit_score(logits), "entropy": entropy_score(logits)})
+        scores.update(
+            {
+                "maxlogit": max_logit_score(logits),
+                "entropy": entropy_score(logits),
+                "energy": energy_score(logits, self.energy_temperature),
+            }
+        )
         return MethodOutput(logits, scores)

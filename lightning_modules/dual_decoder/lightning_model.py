@@ -20,7 +20,6 @@ from lightning_modules.dual_decoder.functional import (
 from lightning_modules.dual_decoder.loss import contrastive_prototype_loss, objectosphere_loss, semantic_feature_loss
 from lightning_modules.dual_decoder.torch_model import DualDecoderNet, segmenter_to_dual_decoder_state
 from lightning_modules.registry import register_method
-from lightning_modules.scoring.baselines import baseline_scores
 from lightning_modules.scoring.sml import SMLOptions, SMLScorer
 
 
@@ -249,7 +248,8 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
         self.sml.finalize()
 
     def scoring_options(self) -> dict[str, Any]:
-        return {"sml": self.sml.postprocessing.as_dict()} if self.hparams.sml_on_semantic else {}
+        options = super().scoring_options()
+        return {**options, "sml": self.sml.postprocessing.as_dict()} if self.hparams.sml_on_semantic else options
 
     # ----------------------------------------------------------------- scoring
     def segment(self, image: Tensor) -> MethodOutput:
@@ -261,5 +261,5 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
         }
         if self.hparams.sml_on_semantic:
             scores["sml"] = self.sml.score(logits)
-        scores.update(baseline_scores(logits))
+        scores.update(self.baseline_scores(logits))
         return MethodOutput(logits, scores)

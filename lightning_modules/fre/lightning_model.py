@@ -25,7 +25,6 @@ from lightning_modules.fre.functional import (
     standardize_errors,
 )
 from lightning_modules.registry import register_method
-from lightning_modules.scoring.baselines import baseline_scores
 from lightning_modules.scoring.postprocessing import dilated_smoothing
 from lightning_modules.segmenter import DeepLabV3PlusSegmenter
 
@@ -211,6 +210,6 @@ class FRESegmenter(DeepLabV3PlusSegmenter):
             score = self.fre_score(features, logits.float(), tuple(image.shape[-2:]))
             dilation = self.hparams.smoothing_dilation
             if dilation is None:
-                return MethodOutput(logits, {"fre": score, **baseline_scores(logits)})
+                return MethodOutput(logits, {"fre": score, **self.baseline_scores(logits)})
             smoothed = dilated_smoothing(score, dilation=dilation)
-        return MethodOutput(logits, {"fre": smoothed, "fre_raw": score, **baseline_scores(logits)})
+        return MethodOutput(logits, {"fre": smoothed, "fre_raw": score, **self.baseline_scores(logits)})

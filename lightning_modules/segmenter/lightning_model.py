@@ -15,7 +15,6 @@ from torch import Tensor
 
 from lightning_modules.base import AnomalySegmentationModule, MethodOutput
 from lightning_modules.checkpoints import load_network_weights
-from lightning_modules.scoring.baselines import baseline_scores
 from lightning_modules.segmenter.torch_model import DeepLabV3Plus
 
 
@@ -66,7 +65,7 @@ class DeepLabV3PlusSegmenter(AnomalySegmentationModule):
 
     def segment(self, image: Tensor) -> MethodOutput:
         logits = self(image)
-        return MethodOutput(logits, baseline_scores(logits))
+        return MethodOutput(logits, self.baseline_scores(logits))
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch["image"])

@@ -9,7 +9,6 @@ from torch import Tensor
 
 from lightning_modules.base import MethodOutput
 from lightning_modules.registry import register_method
-from lightning_modules.scoring.baselines import baseline_scores
 from lightning_modules.scoring.sml import SMLOptions, SMLScorer
 from lightning_modules.segmenter import DeepLabV3PlusSegmenter
 
@@ -40,8 +39,8 @@ class SMLSegmenter(DeepLabV3PlusSegmenter):
         self.sml.finalize()
 
     def scoring_options(self) -> dict[str, Any]:
-        return {"sml": self.sml.postprocessing.as_dict()}
+        return {**super().scoring_options(), "sml": self.sml.postprocessing.as_dict()}
 
     def segment(self, image: Tensor) -> MethodOutput:
         logits = self(image)
-        return MethodOutput(logits, {"sml": self.sml.score(logits), **baseline_scores(logits)})
+        return MethodOutput(logits, {"sml": self.sml.score(logits), **self.baseline_scores(logits)})
