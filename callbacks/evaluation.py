@@ -24,33 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.utilities.distributed import gather_all_tensors
 
-from callbacks.functional import (
-    BinLayout,
-    accumulate_counts,
-    bin_index,
-    bin_layout,
-    bin_lower_edge,
-    float_to_key,
-)
-from callbacks.metrics import AnomalyMetrics, SegmentationMetrics
+from callbacks.metrics import AnomalyMetrics, NegativeScoreHistogram, SegmentationMetrics, SplitCounts
+from callbacks.metrics.functional import BinLayout, false_positive_breakdown
 from datamodules.io import atomic_write_json
 from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IGNORE_INDEX
 
 __all__ = [
     "AnomalyEvaluation",
-    "NegativeScoreHistogram",
-    "device_layout",
-    "device_rebin",
-    "false_positive_breakdown",
     "false_positive_report",
     "resize_to",
 ]
@@ -68,10 +55,6 @@ PRIMARY_KEYS: tuple[str, ...] = (
 LOGGED_KEYS: tuple[str, ...] = (*PRIMARY_KEYS, "threshold95")
 
 _STAGE_PREFIX = {"validate": "val", "test": "test"}
-
-# Key range of a histogram that has seen nothing: an empty interval (as in callbacks.metrics).
-_EMPTY_KEY_MIN = 1 << 31
-_EMPTY_KEY_MAX = -(1 << 31) - 1
 
 
 # --------------------------------------------------------------------------------------- pure functions
@@ -91,203 +74,6 @@ def resize_to(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
 
 
-def false_positive_breakdown(negatives: Tensor, threshold_bin: int) -> dict[str, np.ndarray]:
-    """Where the false positives of a thresholded score land, per class.
-
-    ``negatives``: ``[K, nbins]`` counts of negative (known-class) pixels per class and per score
-    bin, bins in increasing score order. A pixel is flagged anomalous when its bin index is
-    ``>= threshold_bin``.
-
-    Returns float64 arrays of length K:
-
-    - ``false_positives``: flagged negative pixels of each class, ``FP_c``;
-    - ``negatives``: all negative pixels of each class, ``N_c``;
-    - ``fraction``: ``FP_c / sum_c FP_c`` (sums to 1; NaN everywhere when nothing is flagged);
-    - ``false_positive_rate``: ``FP_c / N_c`` (NaN for classes without pixels).
-    """
-    counts = negatives.detach().to("cpu", torch.float64)
-    if counts.dim() != 2:
-        raise ValueError(f"expected [K, nbins] counts, got shape {tuple(counts.shape)}")
-    false_pos = counts[:, max(int(threshold_bin), 0) :].sum(dim=1).numpy()
-    total = counts.sum(dim=1).numpy()
-    flagged = false_pos.sum()
-    fraction = false_pos / flagged if flagged > 0 else np.full_like(false_pos, np.nan)
-    rate = np.divide(false_pos, total, out=np.full_like(false_pos, np.nan), where=total > 0)
-    return {"false_positives": false_pos, "negatives": total, "fraction": fraction, "false_positive_rate": rate}
-
-
-def device_layout(key_min: Tensor, key_max: Tensor, num_bits: int) -> tuple[Tensor, Tensor]:
-    """``(shift, offset)`` of ``functional.bin_layout`` as int64 device tensors, without a host sync.
-
-    ``shift`` is the smallest ``s`` with ``(key_max >> s) - (key_min >> s) < 2**num_bits``; the
-    condition is monotone in ``s``, so counting the shifts that fail gives it. An empty range
-    (``key_min > key_max``) gets shift 0.
-    """
-    shifts = torch.arange(41, device=key_min.device, dtype=torch.int64)
-    fails = ((key_max >> shifts) - (key_min >> shifts)) >= (1 << num_bits)
-    shift = fails.sum()
-    return shift, key_min >> shift
-
-
-def device_rebin(
-    counts: Tensor, old_shift: Tensor, old_offset: Tensor, new_shift: Tensor, new_offset: Tensor
-) -> Tensor:
-    """``functional.rebin_counts`` with the layouts as device tensors: ``[..., nbins]`` -> ``[..., nbins]``.
-
-    The new layout must cover the old one (``new_shift >= old_shift``), so old bin ``i`` lies in
-    new bin ``((old_offset + i) >> merge) - new_offset``; new bin ``j`` therefore collects the
-    old bins in ``[((new_offset + j) << merge) - old_offset, ((new_offset + j + 1) << merge) -
-    old_offset)``, read off a cumulative sum (deterministic, no scatter). An identical layout is
-    returned unchanged (the cumsum difference reproduces every bin).
-    """
-    num_bins = counts.shape[-1]
-    merge = new_shift - old_shift
-    j = torch.arange(num_bins + 1, device=counts.device, dtype=torch.int64)
-    bounds = (((new_offset + j) << merge) - old_offset).clamp(0, num_bins)
-    cumulative = F.pad(counts.cumsum(-1), (1, 0))
-    at_bounds = cumulative.index_select(-1, bounds)
-    return at_bounds[..., 1:] - at_bounds[..., :-1]
-
-
-# --------------------------------------------------------------------------------------- small metrics
-class NegativeScoreHistogram(Metric):
-    """Counts of negative pixels per grouping, per class and per score bin: ``[G, K, 2**num_bits]``.
-
-    A *grouping* assigns each pixel a class: e.g. its ground-truth class (G=0) and the class the
-    closed-set head predicts for it (G=1). Reading the counts at and above the bin of a
-    threshold gives the false positives at that threshold, split by class.
-
-    Binning follows :mod:`callbacks.functional`: scores become order-preserving float32 keys and
-    ``bin = (key >> shift) - offset``, with the finest ``shift`` that fits the key range seen so far
-    into ``2**num_bits`` bins; when the range grows, aligned bins merge exactly. Unlike
-    ``AnomalyMetrics``, the layout is kept as device tensors, so ``update`` never synchronises
-    with the host. A bin spans at most a fraction ``2**(shift - 23)`` of its values' magnitude
-    (``2**-(num_bits - 9)`` when the scores span the whole float range, 1/128 at 16 bits).
-    """
-
-    full_state_update = False
-    higher_is_better = None
-    is_differentiable = False
-
-    counts: Tensor
-    key_min: Tensor
-    key_max: Tensor
-
-    def __init__(self, num_classes: int, num_groupings: int = 2, num_bits: int = 16, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if not 4 <= num_bits <= 24:
-            raise ValueError(f"num_bits must be in 4..24, got {num_bits}")
-        self.num_classes = int(num_classes)
-        self.num_groupings = int(num_groupings)
-        self.num_bits = int(num_bits)
-        self.num_bins = 1 << self.num_bits
-        rows = self.num_groupings * self.num_classes
-        self.add_state("counts", torch.zeros(rows, self.num_bins, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("key_min", torch.tensor(_EMPTY_KEY_MIN, dtype=torch.int64), dist_reduce_fx="min")
-        self.add_state("key_max", torch.tensor(_EMPTY_KEY_MAX, dtype=torch.int64), dist_reduce_fx="max")
-
-    def _widen(self, new_min: Tensor, new_max: Tensor) -> tuple[Tensor, Tensor]:
-        """Re-bin the counts to the range widened to ``[new_min, new_max]``; returns the new layout."""
-        old_shift, old_offset = device_layout(self.key_min, self.key_max, self.num_bits)
-        lo, hi = torch.minimum(self.key_min, new_min), torch.maximum(self.key_max, new_max)
-        shift, offset = device_layout(lo, hi, self.num_bits)
-        self.counts = device_rebin(self.counts, old_shift, old_offset, shift, offset)
-        self.key_min, self.key_max = lo, hi
-        return shift, offset
-
-    def update(self, scores: Tensor, classes: Tensor, include: Tensor) -> None:  # type: ignore[override]
-        """``scores`` float ``[...]``; ``classes`` long ``[G, ...]`` in ``0..K-1`` where ``include``."""
-        if classes.shape[0] != self.num_groupings or classes.shape[1:] != scores.shape:
-            raise ValueError(
-                f"classes must be [{self.num_groupings}, *scores.shape], got {tuple(classes.shape)} "
-                f"for scores {tuple(scores.shape)}"
-            )
-        keys = float_to_key(scores.detach()).long()
-        batch_min = torch.where(include, keys, _EMPTY_KEY_MIN).amin()
-        batch_max = torch.where(include, keys, _EMPTY_KEY_MAX).amax()
-        shift, offset = self._widen(batch_min, batch_max)
-        bins = (keys >> shift) - offset
-        rows = torch.arange(self.num_groupings, device=keys.device).view(-1, *([1] * keys.dim()))
-        index = (rows * self.num_classes + classes.long()) * self.num_bins + bins
-        accumulate_counts(self.counts.view(-1), index, include.expand_as(index))
-
-    def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
-        # merge_state(): both histograms must be in the union layout before they are summed.
-        incoming = dict(incoming_state)
-        lo = torch.minimum(self.key_min, incoming["key_min"])
-        hi = torch.maximum(self.key_max, incoming["key_max"])
-        shift, offset = device_layout(lo, hi, self.num_bits)
-        theirs = device_layout(incoming["key_min"], incoming["key_max"], self.num_bits)
-        incoming["counts"] = device_rebin(incoming["counts"], *theirs, shift, offset)
-        self._widen(lo, hi)
-        super()._reduce_states(incoming)
-
-    def _sync_dist(self, dist_sync_fn: Any = gather_all_tensors, process_group: Any | None = None) -> None:
-        # Ranks agree on the global key range and re-bin to it (exact) before the counts are
-        # summed; torchmetrics cached the local state before this call and restores it on unsync.
-        group = process_group or self.process_group
-        ranges = torch.stack(dist_sync_fn(torch.stack([self.key_min, self.key_max]), group=group))
-        self._widen(ranges[:, 0].min(), ranges[:, 1].max())
-        super()._sync_dist(dist_sync_fn, process_group=process_group)
-
-    def compute(self) -> dict[str, Any]:
-        """``counts`` ``[G, K, nbins]`` and the layout ``shift``/``offset`` (``None`` before any pixel)."""
-        key_min, key_max = int(self.key_min), int(self.key_max)
-        layout = bin_layout(key_min, key_max, self.num_bits) if key_min <= key_max else None
-        return {
-            "counts": self.counts.view(self.num_groupings, self.num_classes, self.num_bins),
-            # Plain ints: torchmetrics post-processes compute() results and rejects frozen dataclasses.
-            "shift": layout.shift if layout is not None else None,
-            "offset": layout.offset if layout is not None else None,
-        }
-
-    def layout(self, histogram: Mapping[str, Any]) -> BinLayout | None:
-        """The ``BinLayout`` of a ``compute()`` result."""
-        if histogram["shift"] is None:
-            return None
-        return BinLayout(shift=histogram["shift"], offset=histogram["offset"], num_bins=self.num_bins)
-
-    @staticmethod
-    def threshold_bin(threshold: float, layout: BinLayout) -> tuple[int, float]:
-        """Bin holding ``threshold`` and the threshold that flagging bins ``>= b`` amounts to.
-
-        Flagging bins ``>= b`` flags exactly the pixels with ``score >= edge``, where
-        ``edge <= threshold`` is the lower edge of bin ``b``; it equals ``threshold`` when the
-        threshold lies on a bin boundary. A threshold below the histogram's range flags every
-        pixel (``b = 0``, ``edge = threshold``); one above it flags none (``edge = inf``).
-        """
-        key = float_to_key(torch.tensor([threshold], dtype=torch.float32)).long()
-        index = int(bin_index(key, layout)[0])
-        if index <= 0:
-            return 0, float(threshold) if index < 0 else float(bin_lower_edge(torch.tensor([0]), layout)[0])
-        if index >= layout.num_bins:
-            return layout.num_bins, math.inf
-        return index, float(bin_lower_edge(torch.tensor([index]), layout)[0])
-
-
-class _SplitCounts(Metric):
-    """Exact int64 counts of images, valid (non-ignored) pixels and anomaly pixels seen."""
-
-    full_state_update = False
-    higher_is_better = None
-    is_differentiable = False
-
-    def __init__(self, ignore_index: int, anomaly_index: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.ignore_index = ignore_index
-        self.anomaly_index = anomaly_index
-        self.add_state("counts", torch.zeros(3, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, mask: Tensor) -> None:  # type: ignore[override]
-        valid = (mask != self.ignore_index).sum()
-        anomaly = (mask == self.anomaly_index).sum()
-        self.counts += torch.stack([torch.full_like(valid, mask.shape[0]), valid, anomaly])
-
-    def compute(self) -> dict[str, int]:
-        images, valid, anomaly = self.counts.tolist()
-        return {"images": images, "valid_pixels": valid, "anomaly_pixels": anomaly}
-
-
 @dataclass
 class _StageState:
     """The metrics of one stage's epoch (created at its first batch)."""
@@ -295,7 +81,7 @@ class _StageState:
     num_classes: int
     score_names: tuple[str, ...]
     segmentation: SegmentationMetrics
-    counts: _SplitCounts
+    counts: SplitCounts
     anomaly: dict[str, AnomalyMetrics]
     negatives: NegativeScoreHistogram | None = None
 
@@ -475,7 +261,7 @@ class AnomalyEvaluation(L.Callback):
             segmentation=SegmentationMetrics(num_classes, ignore_index=ignore_index, anomaly_index=anomaly_index).to(
                 device
             ),
-            counts=_SplitCounts(ignore_index, anomaly_index).to(device),
+            counts=SplitCounts(ignore_index, anomaly_index).to(device),
             anomaly={
                 name: AnomalyMetrics(anomaly_index=anomaly_index, ignore_index=ignore_index).to(device)
                 for name in names
@@ -661,14 +447,6 @@ def _unpack_outputs(outputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
     if not isinstance(scores, Mapping):
         raise ValueError(f"scores must be a dict of name -> [B, h, w] tensors, got {type(scores).__name__}")
     return logits, dict(scores)
-
-
-def _to_float(value: Any) -> float:
-    if isinstance(value, Tensor):
-        return float(value.item())
-    if isinstance(value, (int, float, np.generic)):
-        return float(value)
-    return value
 
 
 def _class_names(trainer: L.Trainer, pl_module: L.LightningModule, num_classes: int) -> list[str]:

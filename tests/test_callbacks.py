@@ -27,16 +27,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.util import tensor_util
 from torch.utils.data import DataLoader, Dataset
 
-from callbacks import functional
-from callbacks.evaluation import (
-    AnomalyEvaluation,
-    NegativeScoreHistogram,
-    device_layout,
-    device_rebin,
-    false_positive_breakdown,
-    resize_to,
-)
-from callbacks.metrics import AnomalyMetrics
+from callbacks.evaluation import AnomalyEvaluation, resize_to
+from callbacks.metrics import AnomalyMetrics, NegativeScoreHistogram
+from callbacks.metrics import functional as functional
+from callbacks.metrics.functional import false_positive_breakdown
+from callbacks.metrics.functional import layout_tensors as device_layout
+from callbacks.metrics.functional import rebin_tensors as device_rebin
 from callbacks.visualization import (
     AnomalyHeatmapLogger,
     apply_colormap,

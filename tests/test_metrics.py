@@ -12,11 +12,12 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from callbacks import functional, metrics
-from callbacks.functional import (
+from callbacks.metrics import AnomalyMetrics, SegmentationMetrics, anomaly
+from callbacks.metrics.functional import (
     KEY_NEG_INF,
     KEY_POS_INF,
     BinLayout,
+    _backend,
     accumulate_counts,
     bin_index,
     bin_layout,
@@ -29,7 +30,7 @@ from callbacks.functional import (
     per_image_metrics,
     rebin_counts,
 )
-from callbacks.metrics import AnomalyMetrics, SegmentationMetrics
+from callbacks.metrics.functional import keys as key_module
 
 ANOMALY, IGNORE = 13, 255
 TOL_AREA, TOL_FPR, TOL_EXACT = 1e-4, 1e-3, 1e-6
@@ -406,9 +407,9 @@ def test_device_code_path_matches_cpu_fast_path(monkeypatch: pytest.MonkeyPatch,
     mask = make_mask(rng, positive)
     reference, reference_metric = run_metric(scores, mask, batches=2)
 
-    monkeypatch.setattr(functional, "NUMPY_ON_CPU", False)
+    monkeypatch.setattr(_backend, "NUMPY_ON_CPU", False)
     if counting == "sort":
-        monkeypatch.setattr(metrics, "accumulate_counts", functools.partial(accumulate_counts, method="sort"))
+        monkeypatch.setattr(anomaly, "accumulate_counts", functools.partial(accumulate_counts, method="sort"))
     result, metric = run_metric(scores, mask, batches=2)
     assert torch.equal(metric.counts, reference_metric.counts)
     for key, value in reference.items():
@@ -444,7 +445,7 @@ def test_float_keys_preserve_order_and_invert() -> None:
     assert ((nan_keys > KEY_POS_INF) | (nan_keys < KEY_NEG_INF)).all()
     # The torch implementation (used on CUDA) gives the same keys as the NumPy one.
     all_values = bits.view(torch.float32)
-    assert torch.equal(functional._float_to_key_array(all_values.clone()), float_to_key(all_values))
+    assert torch.equal(key_module._float_to_key_array(all_values.clone()), float_to_key(all_values))
 
 
 def test_bin_layout_is_minimal_and_rebinning_is_exact() -> None:

@@ -1,0 +1,14 @@
+"""The metric library: streaming ``torchmetrics.Metric`` classes over the pure functions of :mod:`.functional`.
+
+- :class:`AnomalyMetrics`: pooled and per-image AUPR, AUROC, FPR95 of an anomaly score;
+- :class:`SegmentationMetrics`: closed-set mIoU, per-class IoU and pixel accuracy;
+- :class:`NegativeScoreHistogram`: per-class score histogram of negative pixels (false-positive breakdown);
+- :class:`SplitCounts`: exact image / valid-pixel / anomaly-pixel counts of a split.
+"""
+
+from callbacks.metrics.anomaly import AnomalyMetrics
+from callbacks.metrics.negative_histogram import NegativeScoreHistogram
+from callbacks.metrics.segmentation import SegmentationMetrics
+from callbacks.metrics.split_counts import SplitCounts
+
+__all__ = ["AnomalyMetrics", "NegativeScoreHistogram", "SegmentationMetrics", "SplitCounts"]

@@ -1,0 +1,67 @@
+"""Pure tensor functions behind the streaming anomaly and segmentation metrics.
+
+Everything here is stateless and works on CPU and CUDA tensors alike, so each piece can be
+tested against scikit-learn or a direct NumPy computation without Lightning:
+
+- :mod:`.keys`: float32 scores to order-preserving integer keys and back;
+- :mod:`.histogram`: the adaptive score histogram (layout, bin index, exact re-binning);
+- :mod:`.counting`: exact integer counting into a flat histogram;
+- :mod:`.curves`: AP, AUROC, FPR95 and curve points from per-bin counts;
+- :mod:`.per_image`: exact per-image metrics (the StreetHazards reference protocol);
+- :mod:`.segmentation`: confusion matrix and IoU;
+- :mod:`.false_positives`: the per-class split of false positives at a threshold.
+"""
+
+from callbacks.metrics.functional.counting import accumulate_counts
+from callbacks.metrics.functional.curves import binary_metrics_from_counts, cumulative_counts, select_curve_points
+from callbacks.metrics.functional.false_positives import false_positive_breakdown
+from callbacks.metrics.functional.histogram import (
+    BinLayout,
+    LabelledKeys,
+    bin_index,
+    bin_layout,
+    bin_lower_edge,
+    fixed_layout,
+    labelled_bin_index,
+    labelled_keys,
+    layout_tensors,
+    rebin_counts,
+    rebin_tensors,
+)
+from callbacks.metrics.functional.keys import KEY_NEG_INF, KEY_POS_INF, float_to_key, key_to_float
+from callbacks.metrics.functional.per_image import (
+    PER_IMAGE_CHUNK_PIXELS,
+    PerImageMetrics,
+    per_image_metrics,
+    per_image_metrics_from_keys,
+)
+from callbacks.metrics.functional.segmentation import confusion_matrix_index, iou_from_confusion_matrix
+
+__all__ = [
+    "KEY_NEG_INF",
+    "KEY_POS_INF",
+    "PER_IMAGE_CHUNK_PIXELS",
+    "BinLayout",
+    "LabelledKeys",
+    "PerImageMetrics",
+    "accumulate_counts",
+    "bin_index",
+    "bin_layout",
+    "bin_lower_edge",
+    "binary_metrics_from_counts",
+    "confusion_matrix_index",
+    "cumulative_counts",
+    "false_positive_breakdown",
+    "fixed_layout",
+    "float_to_key",
+    "iou_from_confusion_matrix",
+    "key_to_float",
+    "labelled_bin_index",
+    "labelled_keys",
+    "layout_tensors",
+    "per_image_metrics",
+    "per_image_metrics_from_keys",
+    "rebin_counts",
+    "rebin_tensors",
+    "select_curve_points",
+]
