@@ -72,6 +72,7 @@ __all__ = [
     "count_sorted",
     "empty_coarse_stats",
     "merge_coarse_stats",
+    "occupied_bins",
     "move_coarse_bins",
     "plan_layout",
     "sorted_coarse_stats",
@@ -189,6 +190,38 @@ def score_order(layout: HistogramLayout) -> Tensor:
     coarse = torch.repeat_interleave(torch.arange(size.numel(), device=size.device), size, output_size=total)
     first = torch.cumsum(size, 0) - size  # score-order position of each coarse bin's first sub-bin
     return layout.base[coarse] + torch.arange(total, device=size.device) - first[coarse]
+
+
+def occupied_bins(counts: Tensor, layout: HistogramLayout) -> tuple[Tensor, Tensor]:
+    """Flat positions of the non-empty bins of ``counts`` (``[..., M]``) in score order, and their coarse bins.
+
+    Each coarse bin's sub-bins are contiguous in storage, in score order; only the coarse bins may be
+    stored out of order (bins placed after the used positions), so whole runs are reordered.
+    """
+    total = counts.reshape(-1, counts.shape[-1]).sum(0)
+    position = torch.nonzero(total).squeeze(1)
+    if layout.size.numel() == 1:
+        return position, torch.zeros_like(position)
+    # Coarse bin of every flat position: mark each block's start with the step in coarse index
+    # from the block before it (blocks in storage order), and sum the marks up.
+    has = torch.nonzero(layout.size > 0).squeeze(1)
+    blocks = has[torch.argsort(layout.base[has])]
+    marks = torch.zeros(counts.shape[-1], dtype=torch.int64, device=counts.device)
+    marks[layout.base[blocks]] = torch.diff(blocks, prepend=blocks.new_zeros(1))
+    coarse = torch.cumsum(marks, 0)[position]
+    if position.numel() == 0:
+        return position, coarse
+    change = torch.ones_like(position, dtype=torch.bool)
+    change[1:] = coarse[1:] != coarse[:-1]
+    run_start = torch.nonzero(change).squeeze(1)
+    run_length = torch.diff(run_start, append=run_start.new_tensor([position.numel()]))
+    run_order = torch.argsort(coarse[run_start])
+    length = run_length[run_order]
+    shift = run_start[run_order] - (torch.cumsum(length, 0) - length)
+    perm = torch.repeat_interleave(shift, length, output_size=position.numel()) + torch.arange(
+        position.numel(), device=position.device
+    )
+    return position[perm], coarse[perm]
 
 
 def bin_key_ranges(layout: HistogramLayout, flat_bins: Tensor) -> tuple[Tensor, Tensor]:

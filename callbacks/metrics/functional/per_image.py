@@ -125,7 +125,11 @@ def per_image_metrics_sorted(images: SortedImages) -> PerImageMetrics:
             continue
         neg = images.negatives[r, :num_neg]
         neg_below = np.searchsorted(neg, pos, side="left")
-        neg_at_or_below = np.searchsorted(neg, pos, side="right")
+        # Negatives tied with a positive: rare with continuous scores, so search again only there.
+        neg_at_or_below = neg_below.copy()
+        tied = np.flatnonzero(neg[np.minimum(neg_below, num_neg - 1)] == pos)
+        if tied.size:
+            neg_at_or_below[tied] = np.searchsorted(neg, pos[tied], side="right")
         # Positives scoring >= this one's score (its whole tie group included), and negatives.
         tp = num_pos - np.searchsorted(pos, pos, side="left")
         fp = num_neg - neg_below
