@@ -162,15 +162,17 @@ def rebin_counts(
     num_new = num_old if num_bins is None else int(num_bins)
     old = old.to(device)
     new = new.to(device)
-    position = torch.arange(num_old, device=device)
     if old.size.numel() == 1:
+        # One coarse bin (range layouts, updated on the device every batch): fixed-size work on all
+        # positions, no host synchronisation.
+        position = torch.arange(num_old, device=device)
         coarse = torch.zeros_like(position)
+        values = counts
     else:
-        # Coarse bin of every flat position: bins with sub-bins sorted by their base.
-        base = torch.where(old.size > 0, old.base, torch.full_like(old.base, 1 << 62))
-        order = torch.argsort(base)
-        slot = torch.searchsorted(base[order].contiguous(), position, right=True) - 1
-        coarse = order[slot.clamp_min(0)]
+        # Adaptive layouts (re-binned on the host's decision): only the non-empty positions.
+        position = torch.nonzero(counts.reshape(-1, num_old).sum(0)).squeeze(1)
+        coarse = _coarse_of_positions(old, position, num_old)
+        values = counts.index_select(-1, position)
     j = position - old.base[coarse]
     inside = (j >= 0) & (j < old.size[coarse])
     low_start = (old.offset[coarse] + j) << old.shift[coarse].clamp_min(0)
@@ -179,8 +181,19 @@ def rebin_counts(
     inside &= (target >= 0) & (target < num_new)
     target = torch.where(inside, target, torch.full_like(target, num_new))
     out = counts.new_zeros(*counts.shape[:-1], num_new + 1)
-    out.index_add_(out.dim() - 1, target, counts)
+    out.index_add_(out.dim() - 1, target, values)
     return out[..., :num_new].contiguous()
+
+
+def _coarse_of_positions(layout: HistogramLayout, position: Tensor, num_positions: int) -> Tensor:
+    """Coarse bin owning each flat position (positions outside every bin: the block before them)."""
+    # Mark each block's start with the step in coarse index from the block before it (blocks in
+    # storage order) and sum the marks up: one pass, no search per position.
+    has = torch.nonzero(layout.size > 0).squeeze(1)
+    blocks = has[torch.argsort(layout.base[has])]
+    marks = torch.zeros(num_positions, dtype=torch.int64, device=position.device)
+    marks[layout.base[blocks]] = torch.diff(blocks, prepend=blocks.new_zeros(1))
+    return torch.cumsum(marks, 0)[position]
 
 
 def score_order(layout: HistogramLayout) -> Tensor:
@@ -202,13 +215,7 @@ def occupied_bins(counts: Tensor, layout: HistogramLayout) -> tuple[Tensor, Tens
     position = torch.nonzero(total).squeeze(1)
     if layout.size.numel() == 1:
         return position, torch.zeros_like(position)
-    # Coarse bin of every flat position: mark each block's start with the step in coarse index
-    # from the block before it (blocks in storage order), and sum the marks up.
-    has = torch.nonzero(layout.size > 0).squeeze(1)
-    blocks = has[torch.argsort(layout.base[has])]
-    marks = torch.zeros(counts.shape[-1], dtype=torch.int64, device=counts.device)
-    marks[layout.base[blocks]] = torch.diff(blocks, prepend=blocks.new_zeros(1))
-    coarse = torch.cumsum(marks, 0)[position]
+    coarse = _coarse_of_positions(layout, position, counts.shape[-1])
     if position.numel() == 0:
         return position, coarse
     change = torch.ones_like(position, dtype=torch.bool)
@@ -378,9 +385,11 @@ def move_coarse_bins(counts: Tensor, old: HistogramLayout, new: HistogramLayout,
         torch.cumsum(sizes, 0) - sizes, sizes
     )
     source = old.base[which] + j
+    values = counts.index_select(-1, source)
+    occupied = torch.nonzero(values.reshape(-1, source.numel()).sum(0)).squeeze(1)  # only these need moving
+    which, j, source, values = which[occupied], j[occupied], source[occupied], values.index_select(-1, occupied)
     low_start = (old.offset[which] + j) << old.shift[which].clamp_min(0)
     target = new.base[which] + (low_start >> new.shift[which].clamp_min(0)) - new.offset[which]
-    values = counts.index_select(-1, source)
     counts.index_fill_(-1, source, 0)
     counts.index_add_(counts.dim() - 1, target, values)
 
