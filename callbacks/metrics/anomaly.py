@@ -156,7 +156,7 @@ class AnomalyMetrics(Metric):
     and offsets, MSP- and logit-like, log-uniform over 60 decades, saturating and negated
     confidences, clusters near 0 and 1, mass near 1 with values below 0, saturated softmax,
     sigmoids of large logits, bf16-rounded, offsets of 1e4 and 1e6, ties); on 1e8 pixels streamed
-    in 720x1280 images (eight of those distributions, the four concentrated ones included) within
+    in 720x1280 images (seven of those distributions, the four concentrated ones included) within
     3.1e-7 (AUPR), 1.3e-10 (AUROC), 7.5e-7 (FPR95) of the exact values, all bounds below 1.4e-6.
     The former single uniform layout was off by up to 0.12 (AUPR) and 4.6e-3 (AUROC) on the same
     small distributions.
