@@ -3,8 +3,8 @@
 Three measurements on synthetic StreetHazards-sized images (720 x 1280, anomaly blobs in most
 images, a band of ignore pixels):
 
-1. ``AnomalyMetrics`` update + compute over ``--pixels`` pixels (pooled AUPR/AUROC/FPR95 and the
-   per-image protocol together), in pixels per second;
+1. ``AnomalyMetrics`` update + compute over ``--pixels`` pixels (pooled AUPR/AUROC/FPR95 with
+   their error bounds and the per-image protocol together), in pixels per second;
 2. scikit-learn on a ``--sklearn-pixels`` sample (the same images the metric also evaluates):
    ``average_precision_score`` + ``roc_auc_score`` on the pooled pixels, and the per-image loop
    of the reference StreetHazards code (AP, AUROC and FPR95 for each image with anomalies); the
@@ -13,10 +13,14 @@ images, a band of ignore pixels):
    chunks, with resident memory (and CUDA memory) sampled along the way: it stays flat.
 
 Scores come from a small pool of pre-generated batches that is cycled, so the timings measure
-the metric rather than the random number generator.
+the metric rather than the random number generator. ``--scores normal`` (default): N(0, 1), +2 on
+anomalies; ``--scores saturating``: confidences saturating towards 1, ``1 - 10**-u`` with ``u``
+uniform in [0, 6] (+0.8 on anomalies), the case a uniform binning gets wrong.
 
     python benchmarks/metrics_throughput.py                      # CPU, or CUDA when available
     python benchmarks/metrics_throughput.py --device cuda --stream 2e8,1e9,1.4e9
+    python benchmarks/metrics_throughput.py --scores saturating --stream ''
+
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ ANOMALY, IGNORE, NUM_CLASSES = 13, 255, 13
 # ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
-def make_batch(generator: torch.Generator, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(generator: torch.Generator, batch_size: int, kind: str = "normal") -> tuple[torch.Tensor, torch.Tensor]:
     """Scores [B, H, W] float32 and labels [B, H, W] int64 resembling a StreetHazards test batch."""
     blocks = torch.randint(0, NUM_CLASSES, (batch_size, HEIGHT // 40, WIDTH // 40), generator=generator)
     mask = blocks.repeat_interleave(40, dim=1).repeat_interleave(40, dim=2)
@@ -59,12 +63,30 @@ def make_batch(generator: torch.Generator, batch_size: int) -> tuple[torch.Tenso
             mask[image, top : top + h, left : left + w] = ANOMALY
             scores[image, top : top + h, left : left + w] += 2.0
     mask[:, -8:] = IGNORE  # e.g. the ego vehicle's bonnet
+    if kind == "saturating":
+        exponent = torch.rand(scores.shape, generator=generator, dtype=torch.float64) * 6.0
+        exponent += 0.8 * (mask == ANOMALY)
+        scores = (1.0 - 10.0**-exponent).float()
     return scores, mask
 
 
-def make_pool(num_batches: int, batch_size: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_pool(
+    num_batches: int, batch_size: int, seed: int, kind: str = "normal"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
-    return [make_batch(generator, batch_size) for _ in range(num_batches)]
+    return [make_batch(generator, batch_size, kind) for _ in range(num_batches)]
+
+
+def reference_fpr95(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The StreetHazards reference code's per-image FPR95: recall closest to 0.95, lowest such threshold.
+
+    Over the distinct thresholds from the highest down to the first with full recall.
+    """
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    full = int(np.argmax(tpr >= 1.0))
+    distance = np.abs(tpr[1 : full + 1] - 0.95)
+    closest = np.flatnonzero(distance == distance.min())[-1] + 1  # ties: the lowest threshold
+    return float(fpr[closest])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,8 +169,7 @@ def sklearn_reference(pool: list, num_images: int) -> tuple[dict, float, float]:
         values = scores[keep]
         per_image["aupr"].append(average_precision_score(labels, values))
         per_image["auroc"].append(roc_auc_score(labels, values))
-        fpr, tpr, _ = roc_curve(labels, values)
-        per_image["fpr95"].append(fpr[np.argmax(tpr >= 0.95)])
+        per_image["fpr95"].append(reference_fpr95(labels, values))
     per_image_seconds = time.perf_counter() - start
     values = {**pooled, **{f"{k}_per_image": float(np.mean(v)) for k, v in per_image.items()}}
     return values, pooled_seconds, per_image_seconds
@@ -174,6 +195,7 @@ def main() -> None:
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=4, help="images per update")
     parser.add_argument("--num-bits", type=int, default=22, help="AnomalyMetrics histogram bits")
+    parser.add_argument("--scores", choices=("normal", "saturating"), default="normal", help="score distribution")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -184,12 +206,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     image_pixels = HEIGHT * WIDTH
-    pool = make_pool(num_batches=4, batch_size=args.batch_size, seed=args.seed)
+    pool = make_pool(num_batches=4, batch_size=args.batch_size, seed=args.seed, kind=args.scores)
 
     print(
         f"torch {torch.__version__}, device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({platform.processor()})")
         + f", torch threads {torch.get_num_threads()}, CPUs {os.cpu_count()}, num_bits {args.num_bits}"
+        + f", scores {args.scores}"
     )
     print(f"images {HEIGHT}x{WIDTH} = {image_pixels} pixels, batch {args.batch_size}\n")
 
@@ -241,6 +264,10 @@ def main() -> None:
     print(
         "\nAgreement on the scikit-learn sample (|AnomalyMetrics - sklearn|): "
         + ", ".join(f"{k} {abs(sample_values[k] - v):.1e}" for k, v in sk_values.items())
+    )
+    print(
+        "Error bounds reported by AnomalyMetrics on that sample: "
+        + ", ".join(f"{k} {sample_values[f'{k}_error_bound']:.1e}" for k in ("aupr", "auroc", "fpr95"))
     )
 
     # 3: streaming memory

@@ -25,6 +25,7 @@ from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
+from test_metrics_reference import reference_fpr_at_recall
 from torch.utils.data import DataLoader, Dataset
 
 from callbacks.evaluation import AnomalyEvaluation, resize_to
@@ -140,7 +141,8 @@ def reference_anomaly(mask: np.ndarray, score: np.ndarray) -> dict[str, float]:
         yi = (m == ANOMALY)[v]
         if 0 < yi.sum() < yi.size:
             per_image.append(
-                (average_precision_score(yi, sc[v]), roc_auc_score(yi, sc[v]), fpr_at_95(yi, sc[v].astype(np.float64)))
+                # Per image: the StreetHazards reference code's FPR95 rule (closest recall, lowest threshold).
+                (average_precision_score(yi, sc[v]), roc_auc_score(yi, sc[v]), reference_fpr_at_recall(yi, sc[v]))
             )
     means = np.mean(per_image, axis=0)
     return {
@@ -519,8 +521,13 @@ def test_ddp_results_equal_single_process(tmp_path):
     assert two["num_images"] == one["num_images"] == N_IMAGES
     for key in ("aupr", "auroc", "fpr95", "aupr_per_image", "auroc_per_image", "fpr95_per_image", "miou"):
         assert two[key] == pytest.approx(one[key], abs=1e-12), key
-    # msp comes from a softmax over differently composed batches: float32 scores may differ in the last bit.
-    assert two["scores"]["msp"] == pytest.approx(one["scores"]["msp"], rel=1e-6)
+    # msp comes from a softmax over differently composed batches: float32 scores may differ in the last bit,
+    # and so may the pixels that share a histogram bin, hence the error bounds (tiny either way).
+    bounds = ("aupr_error_bound", "auroc_error_bound", "fpr95_error_bound")
+    values_two, values_one = ({k: v for k, v in doc["scores"]["msp"].items() if k not in bounds} for doc in (two, one))
+    assert values_two == pytest.approx(values_one, rel=1e-6)
+    for key in bounds:
+        assert two["scores"]["msp"][key] == pytest.approx(one["scores"]["msp"][key], abs=1e-6)
     assert two["false_positives_at_threshold95"] == one["false_positives_at_threshold95"]
     assert two["segmentation"]["confusion_matrix"] == one["segmentation"]["confusion_matrix"]
     tags = events(str(tmp_path / "b" / "lightning_logs" / "version_0")).Tags()

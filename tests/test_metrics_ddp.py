@@ -1,42 +1,55 @@
-"""AnomalyMetrics and SegmentationMetrics under DDP: 2 gloo processes equal one process on all data."""
+"""AnomalyMetrics and SegmentationMetrics under DDP: 2 gloo processes against one process on all data.
+
+Two data sets: one whose coarse bins all fit at full float32 resolution (then the merged
+histogram equals the single-process one bin for bin, and every result is identical), and one that
+needs a small budget re-allocated (then the layouts may differ, and both results hold the exact
+values within their bounds).
+"""
 
 from __future__ import annotations
 
 import datetime
 import math
 import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_metrics_reference import score_ordered_counts, sklearn_metrics
 
 from callbacks.metrics import AnomalyMetrics, SegmentationMetrics
 
 WORLD, ANOMALY, IGNORE, NUM_CLASSES = 2, 13, 255, 13
-# Small histogram: the ranks' key ranges then lead to different layouts, so the re-binning that
-# precedes the sum is exercised.
-NUM_BITS = 12
+# "narrow": ~26 coarse bins, all at full resolution in the default budget. "wide": the ranks'
+# scores span 1e-3 and 1e4, and 2**16 sub-bins force both processes to merge bins.
+SETTINGS = {"narrow": ((1.0, 1.1), None), "wide": ((1e-3, 1e4), 16)}
 
 
-def make_shards() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per rank (scores, mask, predictions); rank 0's scores span a far narrower range."""
+def make_shards(kind: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per rank (scores, mask, predictions)."""
     rng = np.random.default_rng(0)
     shards = []
-    for rank, scale in enumerate((1e-3, 1e4)):
+    for rank in range(WORLD):
         positive = rng.random((3, 48, 64)) < 0.08
         positive[rank] = False  # one image without anomalies per rank
-        scores = ((rng.normal(size=positive.shape) + 1.5 * positive) * scale).astype(np.float32)
+        if kind == "narrow":
+            low = 1.0 + 0.1 * rank
+            scores = rng.uniform(low, low + 0.1, positive.shape) + 0.02 * positive
+        else:
+            scores = (rng.normal(size=positive.shape) + 1.5 * positive) * SETTINGS["wide"][0][rank]
         mask = np.where(positive, ANOMALY, rng.integers(0, NUM_CLASSES, positive.shape))
         mask[rng.random(positive.shape) < 0.05] = IGNORE
         preds = np.where(rng.random(mask.shape) < 0.7, np.clip(mask, 0, NUM_CLASSES - 1), 3)
-        shards.append((torch.from_numpy(scores), torch.from_numpy(mask), torch.from_numpy(preds)))
+        shards.append((torch.from_numpy(scores.astype(np.float32)), torch.from_numpy(mask), torch.from_numpy(preds)))
     return shards
 
 
-def accumulate(shards) -> tuple[AnomalyMetrics, SegmentationMetrics]:
-    anomaly = AnomalyMetrics(num_bits=NUM_BITS)
+def accumulate(kind: str, shards) -> tuple[AnomalyMetrics, SegmentationMetrics]:
+    num_bits = SETTINGS[kind][1]
+    anomaly = AnomalyMetrics(**({"num_bits": num_bits} if num_bits else {}))
     segmentation = SegmentationMetrics(NUM_CLASSES)
     for scores, mask, preds in shards:
         for part in range(0, scores.shape[0], 2):  # several updates per rank
@@ -46,6 +59,7 @@ def accumulate(shards) -> tuple[AnomalyMetrics, SegmentationMetrics]:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
+    warnings.filterwarnings("ignore", message=".*leaves error bounds above")
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -54,24 +68,24 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        anomaly, segmentation = accumulate([make_shards()[rank]])
-        local_counts = anomaly.counts.clone()
-        result = anomaly.compute()  # torchmetrics syncs, computes, restores the local state
-        restored = torch.equal(anomaly.counts, local_counts)
-        curves = anomaly.curves(max_points=50)  # a collective as well
-        anomaly.sync()
-        synced = {"counts": anomaly.counts.clone(), "key_min": int(anomaly.key_min), "key_max": int(anomaly.key_max)}
-        anomaly.unsync()
-        torch.save(
-            {
+        saved = {}
+        for kind in SETTINGS:
+            anomaly, segmentation = accumulate(kind, [make_shards(kind)[rank]])
+            local = {name: getattr(anomaly, name).clone() for name in anomaly._defaults}
+            result = anomaly.compute()  # torchmetrics syncs, computes, restores the local state
+            restored = all(torch.equal(getattr(anomaly, name), value) for name, value in local.items())
+            curves = anomaly.curves(max_points=50)  # a collective as well
+            anomaly.sync()
+            synced = {"counts": score_ordered_counts(anomaly).clone(), "coarse_count": anomaly.coarse_count.clone()}
+            anomaly.unsync()
+            saved[kind] = {
                 "result": result,
                 "restored": restored,
                 "curves": curves,
                 "synced": synced,
                 "segmentation": segmentation.compute(),
-            },
-            Path(out_dir) / f"rank{rank}.pt",
-        )
+            }
+        torch.save(saved, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -88,22 +102,47 @@ def _same(a: float, b: float) -> bool:
 
 def test_two_processes_equal_one_process(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    single_anomaly, single_segmentation = accumulate(make_shards())
-    expected = single_anomaly.compute()
-    expected_curves = single_anomaly.curves(max_points=50)
-    expected_segmentation = single_segmentation.compute()
-    assert expected["num_images_per_image"] == 4
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    for kind in SETTINGS:
+        shards = make_shards(kind)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*leaves error bounds above")
+            single_anomaly, single_segmentation = accumulate(kind, shards)
+            expected = single_anomaly.compute()
+            expected_curves = single_anomaly.curves(max_points=50)
+        expected_segmentation = single_segmentation.compute()
+        assert expected["num_images_per_image"] == 4
+        scores = torch.cat([s for s, _, _ in shards]).numpy()
+        mask = torch.cat([m for _, m, _ in shards]).numpy()
+        valid = mask != IGNORE
+        exact = sklearn_metrics(scores[valid], mask[valid] == ANOMALY)
 
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-        assert got["restored"], "compute() must leave the local state in place"
-        assert torch.equal(got["synced"]["counts"], single_anomaly.counts)
-        assert got["synced"]["key_min"] == int(single_anomaly.key_min)
-        assert got["synced"]["key_max"] == int(single_anomaly.key_max)
-        assert got["result"].keys() == expected.keys()
-        for key, value in expected.items():
-            assert _same(got["result"][key], value), (rank, key, got["result"][key], value)
-        for key, value in expected_curves.items():
-            np.testing.assert_array_equal(got["curves"][key], value)
-        assert got["segmentation"]["confusion_matrix"] == expected_segmentation["confusion_matrix"]
-        assert _same(got["segmentation"]["miou"], expected_segmentation["miou"])
+        for got in (saved[kind] for saved in ranks):
+            assert got["restored"], "compute() must leave the local state in place"
+            assert got["result"].keys() == expected.keys()
+            assert torch.equal(got["synced"]["coarse_count"], single_anomaly.coarse_count)
+            assert torch.equal(got["synced"]["counts"].sum(1), single_anomaly.counts.sum(1))
+            for key in ("aupr", "auroc", "fpr95"):  # the merged histogram holds the exact value
+                error = abs(got["result"][key] - exact[key])
+                assert error <= got["result"][f"{key}_error_bound"] + 1e-12, (kind, key, error)
+            if kind == "narrow":  # everything at full resolution: the same histogram, bin for bin
+                assert torch.equal(got["synced"]["counts"], score_ordered_counts(single_anomaly))
+                for key, value in expected.items():
+                    assert _same(got["result"][key], value), (kind, key, got["result"][key], value)
+                for key, value in expected_curves.items():
+                    np.testing.assert_array_equal(got["curves"][key], value)
+                assert got["result"]["aupr_error_bound"] == 0.0
+            else:  # merged layouts may differ from the single process's: both within their bounds
+                for key in ("aupr", "auroc", "fpr95"):
+                    gap = abs(got["result"][key] - expected[key])
+                    assert gap <= got["result"][f"{key}_error_bound"] + expected[f"{key}_error_bound"] + 1e-12
+                for key in ("aupr_per_image", "auroc_per_image", "fpr95_per_image", "num_valid_pixels"):
+                    assert _same(got["result"][key], expected[key]), (kind, key)
+            assert got["segmentation"]["confusion_matrix"] == expected_segmentation["confusion_matrix"]
+            assert _same(got["segmentation"]["miou"], expected_segmentation["miou"])
+        # Every rank ends with the same numbers and curves.
+        assert ranks[0][kind]["result"] == ranks[1][kind]["result"] or all(
+            _same(ranks[0][kind]["result"][k], ranks[1][kind]["result"][k]) for k in expected
+        )
+        for key in ranks[0][kind]["curves"]:
+            np.testing.assert_array_equal(ranks[0][kind]["curves"][key], ranks[1][kind]["curves"][key])

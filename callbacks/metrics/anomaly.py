@@ -1,14 +1,24 @@
 """Streaming anomaly metrics (AUPR, AUROC, FPR95) in the pooled and per-image protocols.
 
-A ``torchmetrics.Metric`` with a fixed-size integer state: it runs on the device that produced
-the outputs, sums across processes under DDP and never keeps pixels. The math lives in
-:mod:`callbacks.metrics.functional`.
+A ``torchmetrics.Metric`` with a fixed-size state: it runs on the device that produced the
+outputs, merges across processes under DDP and never keeps pixels. The math lives in
+:mod:`callbacks.metrics.functional` (histogram layout and re-binning in ``histogram``, metrics and
+error bounds from counts in ``curves``, the exact per-image values in ``per_image``).
+
+>>> import torch
+>>> metric = AnomalyMetrics(anomaly_index=13, ignore_index=255, num_bits=16)
+>>> scores = torch.tensor([[[0.9, 0.8], [0.7, 0.1]]])
+>>> metric.update(scores, torch.tensor([[[13, 0], [13, 2]]]))
+>>> result = metric.compute()
+>>> result["aupr"], result["auroc"], result["aupr_error_bound"]
+(0.8333333333333333, 0.75, 0.0)
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -17,27 +27,42 @@ from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from callbacks.metrics.functional import (
-    KEY_NEG_INF,
-    KEY_POS_INF,
-    BinLayout,
-    accumulate_counts,
-    bin_layout,
-    bin_lower_edge,
-    binary_metrics_from_counts,
-    labelled_bin_index,
-    labelled_keys,
-    per_image_metrics_from_keys,
+from callbacks.metrics.functional import _backend
+from callbacks.metrics.functional.counting import accumulate_counts
+from callbacks.metrics.functional.curves import binary_metrics_from_counts, binned_error_bounds, select_curve_points
+from callbacks.metrics.functional.histogram import (
+    ADAPTIVE_LOW_BITS,
+    KEY_OFFSET,
+    NUM_COARSE,
+    AdaptivePlan,
+    CoarseStats,
+    HistogramLayout,
+    adaptive_layout,
+    adaptive_tables,
+    coarse_stats,
+    count_sorted,
+    flat_index,
+    merge_coarse_stats,
+    move_coarse_bins,
+    occupied_bins,
+    plan_layout,
     rebin_counts,
-    select_curve_points,
+    sorted_coarse_stats,
+    sorted_runs,
+)
+from callbacks.metrics.functional.keys import KEY_POS_INF, float_to_key, key_to_float
+from callbacks.metrics.functional.per_image import (
+    per_image_metrics_from_keys,
+    per_image_metrics_sorted,
+    sort_images,
 )
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX
 
 __all__ = ["AnomalyMetrics"]
 
-# Key-range states of a metric that has seen no valid pixel: an empty interval.
-_EMPTY_KEY_MIN = 1 << 31
-_EMPTY_KEY_MAX = -(1 << 31) - 1
+#: Bounds above this get a warning from ``compute()``: the promised accuracy is 1e-4.
+BOUND_WARNING = 1e-4
+_NUM_BITS_RANGE = (16, 28)
 
 
 def _as_images(scores: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,6 +85,15 @@ def _as_images(scores: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return scores.detach().reshape(batch, -1), mask.reshape(batch, -1)
 
 
+class _Bins(NamedTuple):
+    """The non-empty histogram bins in increasing score order."""
+
+    neg: Tensor  # int64 negatives per bin
+    pos: Tensor  # int64 positives per bin
+    exact: Tensor  # bool: the bin holds one distinct score
+    lower_key: Tensor  # int64 key of the smallest score seen in the bin's range (a threshold)
+
+
 class AnomalyMetrics(Metric):
     """Pixel-level anomaly metrics over a whole split, in both published protocols.
 
@@ -68,63 +102,99 @@ class AnomalyMetrics(Metric):
     labelled ``anomaly_index`` are positives, ``ignore_index`` pixels are skipped, every other
     pixel is a negative. ``compute()`` returns Python floats:
 
-    - pooled over all valid pixels: ``aupr`` (average precision,
-      ``sum_n (R_n - R_{n-1}) P_n`` as in ``sklearn.metrics.average_precision_score``),
-      ``auroc``, ``fpr95`` (FPR at the first threshold, scanning from high to low score, whose
-      TPR reaches 0.95) and ``threshold95`` (that threshold: flagging ``score >= threshold95``
-      gives exactly ``fpr95`` and a TPR >= 0.95 on the accumulated data; it is the lower edge of
-      a histogram bin, i.e. a float32 value <= the lowest score flagged);
+    - pooled over all valid pixels: ``aupr`` (average precision, ``sum_n (R_n - R_{n-1}) P_n`` as
+      in ``sklearn.metrics.average_precision_score``), ``auroc``, ``fpr95`` and ``threshold95``
+      (flagging ``score >= threshold95`` gives exactly ``fpr95`` and a TPR >= 0.95 on the
+      accumulated data; a float32 value at or below the lowest score flagged), each with a
+      guaranteed error bound ``aupr_error_bound``, ``auroc_error_bound``, ``fpr95_error_bound``
+      (the exact value over the float32 scores lies within reported value +- bound);
     - the StreetHazards reference protocol: ``aupr_per_image``, ``auroc_per_image``,
       ``fpr95_per_image``, the mean over images with at least one anomaly and one normal valid
       pixel, each computed exactly from that image alone; ``num_images_per_image`` such images;
     - ``anomaly_fraction`` (positives / valid pixels) and ``num_valid_pixels``.
 
-    Undefined values (no positives, no negatives, nothing seen) are NaN with a warning.
+    FPR95 follows two rules, one per protocol, because the published code does:
 
-    Pooled metrics come from a histogram, exact up to the bin resolution. Scores are converted
-    to float32 (bf16/fp16 exactly) and mapped to order-preserving 32-bit keys
-    (:func:`~callbacks.metrics.functional.float_to_key`); ``counts[label, bin]`` counts negatives and
-    positives per bin with ``bin = (key >> shift) - offset``. ``shift`` is the smallest value that
-    fits the key range seen so far into ``2**num_bits`` bins; when the range grows, aligned bins
-    merge exactly, so the result does not depend on the order of updates or on how data is
-    split across processes. Scores inside one bin count as tied, exactly as scikit-learn treats
-    equal scores, so merging distinct scores in a bin is the only source of error:
+    ==============  ===========================================================================
+    ``fpr95``       FPR at the *first* threshold, scanning from high to low score, whose TPR
+                    reaches 0.95 (scikit-learn's ``roc_curve`` points, SegmentMeIfYouCan): the
+                    TPR there is >= 0.95.
+    ``fpr95_per_    FPR at the threshold whose recall is *closest* to 0.95 (``argmin |recall -
+    image``         0.95|`` over the image's distinct thresholds from the highest one down to the
+                    first with recall 1; equal distances go to the lowest threshold), as
+                    ``fpr_and_fdr_at_recall`` in the reference ``anom_utils.py``: its recall may
+                    be slightly below 0.95.
+    ==============  ===========================================================================
 
-    - a bin spans ``2**shift`` consecutive float32 values, i.e. at most a fraction
-      ``2**(shift - 23)`` of their magnitude, and ``shift <= 32 - num_bits``: relative precision
-      ``2**-(num_bits - 9)`` in the worst case (scores spanning the whole float range; with the
-      default ``num_bits=22``, ``2**-13 ~= 1.2e-4``), full float32 precision (exact results) when
-      the scores span at most ``2**num_bits`` float32 values, and in between otherwise (e.g. all
-      scores in [0.5, 1) at ``num_bits=22``: bins of 2 float32 values);
-    - the AUROC error is at most ``sum_b pos_b neg_b / (2 P N)``;
-    - measured on the distributions of ``tests/test_metrics.py`` (normal at several scales and
-      offsets, MSP-like, logit-like, log-uniform magnitudes from 1e-30 to 1e30 of both signs,
-      heavy ties; 1.8e6 pixels, 2% and 20% anomalies), the default is within 3.1e-5 of
-      scikit-learn for AUPR, 3e-7 for AUROC and 1.1e-5 for FPR95 (exact for N(1e3, 1e-2) and ties).
+    Undefined values (no positives, no negatives, nothing seen) are NaN with a warning; so is
+    every bound above 1e-4 (then the histogram was too small for the data: raise ``num_bits``).
 
-    State: ``2 * 2**num_bits`` int64 counts (64 MiB at the default ``num_bits=22``,
-    ``2**(num_bits + 4)`` bytes in general) plus six scalars (48 bytes), independent of the
-    number of pixels; counts are int64, so 1.4 billion pixels (or 2**63) fit. Re-binning when the
-    score range widens (in practice during the first few batches) briefly needs about three
-    more copies of the counts. Under DDP, ranks first agree on the key range, re-bin to it, and
-    then sum their counts (torchmetrics gathers ``world_size`` copies to do so).
+    **Pooled histogram.** Scores are converted to float32 (bf16/fp16 exactly) and mapped to
+    order-preserving integer keys; ``counts[label, bin]`` counts negatives and positives per bin
+    of a two-level layout (:mod:`~callbacks.metrics.functional.histogram`): the float32 line is cut
+    into 65536 fixed *coarse bins* of 2**16 consecutive floats (1/128 of a binade), and each coarse
+    bin that received pixels gets sub-bins of ``2**s`` consecutive floats, ``s`` in 0..16, covering
+    the keys it has seen. Where the scores are dense, ``s`` is small: at ``s = 0`` every float32
+    value has its own bin, so a distribution concentrated anywhere (confidences saturating
+    towards 1 or -1, values offset by a large constant, clusters on both sides of zero, bf16 or
+    fp16 scores, ties) is counted exactly. The shifts come from the pixels counted per coarse bin,
+    weighted towards high scores, within a budget of ``2**num_bits`` sub-bins: coarse bins get
+    sub-bins when data first reaches them (or moves outside the ones they have), and when the
+    budget runs out every coarse bin is re-allocated and the ones with the least weight per
+    sub-bin are merged. Shifts never decrease and sub-bins are aligned, so counts only ever add up:
+    re-binning is exact. Scores inside one sub-bin count as tied, as scikit-learn counts equal
+    scores.
+
+    **Error bounds** come from the state alone: a sub-bin holding one distinct score (full
+    resolution, the edge of the keys its coarse bin has seen, or a coarse bin whose keys lie on a
+    lattice as half-precision scores do) is exact; for the others the exact value is bracketed by
+    ordering their pixels best-case and worst-case (``binned_error_bounds``: AUROC ``sum p_b n_b /
+    2PN``, AP from the precisions of each bin's positives, FPR95 the negatives of the bin holding
+    the 95% threshold). Measured against scikit-learn (``tests/test_metrics_accuracy.py``), the
+    default ``num_bits=22`` stays within 2.5e-6 (AUPR), 2.4e-7 (AUROC), 5.5e-6 (FPR95) of it, with
+    bounds of the same size, on 18 distributions of ~3e4 to 2e5 pixels (normal at several scales
+    and offsets, MSP- and logit-like, log-uniform over 60 decades, saturating and negated
+    confidences, clusters near 0 and 1, mass near 1 with values below 0, saturated softmax,
+    sigmoids of large logits, bf16-rounded, offsets of 1e4 and 1e6, ties); on 1e8 pixels streamed
+    in 720x1280 images (seven of those distributions, the four concentrated ones included) within
+    3.1e-7 (AUPR), 1.3e-10 (AUROC), 7.5e-7 (FPR95) of the exact values, all bounds below 1.4e-6.
+    The former single uniform layout was off by up to 0.12 (AUPR) and 4.6e-3 (AUROC) on the same
+    small distributions.
+
+    **State**: ``counts`` 2 x ``2**num_bits`` int64 (64 MiB at the default ``num_bits=22``,
+    ``2**(num_bits + 4)`` bytes in general) plus eight int64 arrays of 65536 entries per coarse
+    bin (the layout: shift, first unit, number and position of sub-bins; what it has seen:
+    pixels, smallest and largest key, lattice exponent; 4 MiB) and a few scalars: 68 MiB at the
+    default, independent of the number of pixels; int64 counts hold 2**63 pixels. A
+    re-allocation (when the budget runs out: a few times per epoch at most) briefly needs a few
+    more copies of the counts.
+
+    **Order and DDP.** The layout depends on the order in which pixels arrive (a coarse bin's
+    resolution is fixed by what it holds when it gets its sub-bins), so two processes merged may
+    end with other sub-bins than one process reading everything; both results contain the exact
+    value within their bounds, and they agree bin for bin whenever every coarse bin seen fits at
+    full resolution. Merging (``_sync_dist``, ``merge_state``, ``forward``) takes, per coarse bin,
+    the coarser of the resolutions (re-allocating if that exceeds the budget), re-bins every
+    side exactly and sums.
 
     Per-image values are computed inside ``update`` for every image of the batch: the image's
     valid pixels are sorted on their device and ties are grouped as scikit-learn does, so the
     per-image numbers are exact; only their sums and the image count are kept.
 
-    ``update`` synchronises with the host once (a single ``tolist()`` of four integers, the key
-    range of the batch and of the state): to choose the bin layout before counting and to raise
-    on NaN scores, whose keys lie outside the range of ordered floats. Nothing else leaves the
-    device. On CPU the hot loops run in NumPy (see ``callbacks.metrics.functional.NUMPY_ON_CPU``).
-    Under ``torch.use_deterministic_algorithms(True)`` on CUDA the histogram is filled by sorting
-    the bin indices (O(N) memory), never by torch's deterministic ``bincount``/``index_add``
-    fallbacks; all counts are integers, so results are bitwise identical in both modes.
+    ``update`` on CUDA synchronises with the host once per batch (two integers: NaN scores seen,
+    keys outside the current sub-bins), plus a transfer of the per-coarse-bin arrays when the
+    layout must grow. NaN scores raise. On CPU the hot loops run in NumPy: each image's negatives
+    are sorted once, for the per-image metrics and the histogram alike (see
+    ``callbacks.metrics.functional._backend.NUMPY_ON_CPU``). Under
+    ``torch.use_deterministic_algorithms(True)`` on CUDA the histogram is filled by sorting the
+    bin indices, never by torch's deterministic ``bincount``/``index_add`` fallbacks (only the
+    rare re-binning of a layout change uses ``index_add_``); all counts are integers, so results
+    are bitwise identical in both modes.
 
     Args:
         anomaly_index: label of anomaly (positive) pixels.
         ignore_index: label of pixels to skip.
-        num_bits: ``log2`` of the number of bins (8..28); resolution and state size as above.
+        num_bits: ``log2`` of the sub-bin budget (16..28); state size and accuracy as above.
         kwargs: passed to ``torchmetrics.Metric``.
     """
 
@@ -133,8 +203,16 @@ class AnomalyMetrics(Metric):
     higher_is_better = None
 
     counts: Tensor
-    key_min: Tensor
-    key_max: Tensor
+    coarse_shift: Tensor
+    coarse_offset: Tensor
+    coarse_size: Tensor
+    coarse_base: Tensor
+    used: Tensor
+    coarse_count: Tensor
+    coarse_min: Tensor
+    coarse_max: Tensor
+    coarse_align: Tensor
+    level: Tensor
     image_aupr_sum: Tensor
     image_auroc_sum: Tensor
     image_fpr95_sum: Tensor
@@ -150,50 +228,106 @@ class AnomalyMetrics(Metric):
         super().__init__(**kwargs)
         if anomaly_index == ignore_index:
             raise ValueError(f"anomaly_index and ignore_index must differ, both are {anomaly_index}")
-        if not 8 <= num_bits <= 28:
-            raise ValueError(f"num_bits must be in 8..28, got {num_bits}")
+        low, high = _NUM_BITS_RANGE
+        if isinstance(num_bits, bool) or not isinstance(num_bits, (int, np.integer)) or not low <= num_bits <= high:
+            raise ValueError(
+                f"num_bits (log2 of the histogram's sub-bin budget) must be an integer in {low}..{high}, got "
+                f"{num_bits!r}; at least 2**16 sub-bins are needed so that every coarse bin can hold one"
+            )
         self.anomaly_index = int(anomaly_index)
         self.ignore_index = int(ignore_index)
         self.num_bits = int(num_bits)
         self.num_bins = 1 << self.num_bits
-        # counts[0] negatives, counts[1] positives, per bin in increasing score order.
+        # counts[0] negatives, counts[1] positives, per sub-bin (flat position: see coarse_base).
         self.add_state("counts", torch.zeros(2, self.num_bins, dtype=torch.int64), dist_reduce_fx="sum")
         # torchmetrics keeps a copy of every state's default for reset(): here a second 64 MiB of
         # zeros. A stride-0 view of one zero stands in for it (reset() clones it into a dense tensor).
         self._defaults["counts"] = torch.zeros(1, dtype=torch.int64).expand(2, self.num_bins)
-        # Range of the keys seen; it determines the bin layout (see _sync_dist).
-        self.add_state("key_min", torch.tensor(_EMPTY_KEY_MIN, dtype=torch.int64), dist_reduce_fx="min")
-        self.add_state("key_max", torch.tensor(_EMPTY_KEY_MAX, dtype=torch.int64), dist_reduce_fx="max")
+        # The layout, per coarse bin in score order: sub-bin width exponent (-1: no sub-bins), first
+        # unit, number and flat position of its sub-bins; and the flat positions in use. Merging
+        # brings every process to one layout first (_adopt_merged), so max is their reduction.
+        self.add_state("coarse_shift", torch.full((NUM_COARSE,), -1, dtype=torch.int64), dist_reduce_fx="max")
+        for name in ("coarse_offset", "coarse_size", "coarse_base"):
+            self.add_state(name, torch.zeros(NUM_COARSE, dtype=torch.int64), dist_reduce_fx="max")
+        self.add_state("used", torch.zeros((), dtype=torch.int64), dist_reduce_fx="max")
+        # What each coarse bin has seen: pixels, smallest and largest low 16 key bits.
+        self.add_state("coarse_count", torch.zeros(NUM_COARSE, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state(
+            "coarse_min", torch.full((NUM_COARSE,), 1 << ADAPTIVE_LOW_BITS, dtype=torch.int64), dist_reduce_fx="min"
+        )
+        self.add_state("coarse_max", torch.full((NUM_COARSE,), -1, dtype=torch.int64), dist_reduce_fx="max")
+        # Lattice exponent of the keys seen per coarse bin (CoarseStats.align); merging folds in the
+        # distance of the two minima first (merge_coarse_stats), so min is its reduction.
+        self.add_state(
+            "coarse_align", torch.full((NUM_COARSE,), ADAPTIVE_LOW_BITS, dtype=torch.int64), dist_reduce_fx="min"
+        )
+        # Water level of the last allocation (see histogram.plan_layout).
+        self.add_state("level", torch.zeros((), dtype=torch.float64), dist_reduce_fx="max")
         for name in ("image_aupr_sum", "image_auroc_sum", "image_fpr95_sum"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("image_count", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
-    # ------------------------------------------------------------------ layout helpers
-    def _layout_for(self, key_min: int, key_max: int) -> BinLayout | None:
-        return bin_layout(key_min, key_max, self.num_bits) if key_min <= key_max else None
+    # ------------------------------------------------------------------ layout
+    _LAYOUT_STATES = ("coarse_shift", "coarse_offset", "coarse_size", "coarse_base")
 
     @property
-    def layout(self) -> BinLayout | None:
-        """The current (local) bin layout, or ``None`` before any valid pixel. Reads the device."""
-        return self._layout_for(int(self.key_min), int(self.key_max))
+    def layout(self) -> HistogramLayout:
+        """The current (local) histogram layout (on the states' device)."""
+        return adaptive_layout(self.coarse_shift, self.coarse_offset, self.coarse_size, self.coarse_base)
 
-    def _rebinned(self, counts: Tensor, old_range: tuple[int, int], new_range: tuple[int, int]) -> Tensor:
-        old = self._layout_for(*old_range)
-        new = self._layout_for(*new_range)
-        if old is None or new is None:  # nothing counted yet: all zeros in any layout
-            return counts
-        return rebin_counts(counts, old, new)
+    def _coarse_stats(self, state: dict[str, Tensor] | None = None) -> CoarseStats:
+        """The per-coarse-bin states (of ``self``, or of a state dict) as ``CoarseStats``."""
+        get = (lambda name: getattr(self, name)) if state is None else state.__getitem__
+        return CoarseStats(get("coarse_count"), get("coarse_min"), get("coarse_max"), get("coarse_align"))
 
-    def _widen_range(self, old_range: tuple[int, int], new_min: int, new_max: int) -> BinLayout:
-        """Extend the key range ``old_range`` (the states' values) by ``[new_min, new_max]``, re-binning."""
-        lo, hi = min(old_range[0], new_min), max(old_range[1], new_max)
-        if (lo, hi) != old_range:
-            self.counts = self._rebinned(self.counts, old_range, (lo, hi))
-            self.key_min = torch.full_like(self.key_min, lo)
-            self.key_max = torch.full_like(self.key_max, hi)
-        layout = self._layout_for(lo, hi)
-        assert layout is not None
-        return layout
+    def _set_coarse_stats(self, stats: CoarseStats) -> None:
+        device = self.counts.device
+        self.coarse_count, self.coarse_min, self.coarse_max, self.coarse_align = (
+            torch.as_tensor(value).to(device) for value in stats
+        )
+
+    def _plan(self, stats: CoarseStats, force: bool = False) -> AdaptivePlan | None:
+        """``plan_layout`` on the host copies of the layout states, for keys ``stats`` (host arrays)."""
+        shift, offset, size, base = (getattr(self, name).cpu().numpy() for name in self._LAYOUT_STATES)
+        return plan_layout(
+            shift, offset, size, base, int(self.used), stats, self.num_bins, float(self.level), force=force
+        )
+
+    def _adopt(self, plan: AdaptivePlan) -> None:
+        """Move the counts into ``plan``'s layout (exactly) and make it the current one."""
+        device = self.counts.device
+        old = self.layout
+        new = adaptive_layout(
+            *(torch.from_numpy(array).to(device) for array in (plan.shift, plan.offset, plan.size, plan.base))
+        )
+        if plan.compacted:
+            self.counts = rebin_counts(self.counts, old, new)
+        else:  # only the bins that outgrew their sub-bins move; new ones start empty
+            move_coarse_bins(self.counts, old, new, torch.from_numpy(np.flatnonzero(plan.moved)).to(device))
+        self.coarse_shift, self.coarse_offset, self.coarse_size, self.coarse_base = new[1], new[2], new[3], new[4]
+        self.used = torch.tensor(plan.used, dtype=torch.int64, device=device)
+        self.level = torch.tensor(plan.level, dtype=torch.float64, device=device)
+
+    def _adopt_merged(self, states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Re-bin this metric into the layout that holds every state of ``states`` (this one first).
+
+        Per coarse bin the coarsest shift of all states, covering all keys seen; re-allocated if that
+        exceeds the budget. Returns the merged layout and per-coarse-bin states (equal on every process
+        that calls this with the same ``states``).
+        """
+        shift = np.max(np.stack([state["coarse_shift"].cpu().numpy() for state in states]), axis=0)
+        stats = CoarseStats(*(t.cpu().numpy() for t in self._coarse_stats(states[0])))
+        for state in states[1:]:
+            stats = merge_coarse_stats(stats, CoarseStats(*(t.cpu().numpy() for t in self._coarse_stats(state))))
+        level = max(float(state["level"]) for state in states)
+        empty = np.zeros_like(shift)
+        plan = plan_layout(shift, empty, empty, empty, 0, stats, self.num_bins, level, force=True)
+        assert plan is not None
+        self._adopt(plan)
+        return {
+            **{name: getattr(self, name) for name in (*self._LAYOUT_STATES, "used", "level")},
+            "coarse_align": torch.from_numpy(stats.align).to(self.counts.device),
+        }
 
     # ------------------------------------------------------------------ torchmetrics hooks
     def update(self, scores: Tensor, mask: Tensor) -> None:  # type: ignore[override]
@@ -201,67 +335,162 @@ class AnomalyMetrics(Metric):
         scores, mask = _as_images(scores, mask)
         if scores.numel() == 0:
             return
-        keys, positive, valid, key_range = labelled_keys(scores, mask, self.anomaly_index, self.ignore_index)
-        # The only host synchronisation: the data range decides the layout, and NaN keys lie
-        # outside [KEY_NEG_INF, KEY_POS_INF], so the range also tells whether there is a NaN.
-        batch_min, batch_max, state_min, state_max = torch.cat(
-            [key_range.to(self.key_min.device), self.key_min.view(1), self.key_max.view(1)]
-        ).tolist()
-        if batch_min < KEY_NEG_INF or batch_max > KEY_POS_INF:
-            num_nan = int((torch.isnan(scores) & valid).sum())
-            raise ValueError(
-                f"anomaly scores contain {num_nan} NaN values at non-ignored pixels (batch of shape "
-                f"{tuple(scores.shape)}); NaN cannot be ranked, so the histogram was left untouched. "
-                "Check the score computation for 0/0, log(0) or overflow in half precision."
-            )
-        if batch_min > batch_max:  # every pixel ignored
-            return
-        layout = self._widen_range((state_min, state_max), batch_min, batch_max)
+        keys = float_to_key(scores)
+        if _backend.numpy_on_cpu(keys) and self.counts.device.type == "cpu":
+            self._update_numpy(scores, keys, mask)
+        else:
+            self._update_torch(scores, keys, mask.to(keys.device))
 
-        index = labelled_bin_index(keys, positive, layout)
-        accumulate_counts(self.counts.view(-1), index, valid)
+    def _raise_nan(self, scores: Tensor, valid: Tensor) -> None:
+        num_nan = int((torch.isnan(scores) & valid.to(scores.device)).sum())
+        raise ValueError(
+            f"anomaly scores contain {num_nan} NaN values at non-ignored pixels (batch of shape "
+            f"{tuple(scores.shape)}); NaN cannot be ranked, so the histogram was left untouched. "
+            "Check the score computation for 0/0, log(0) or overflow in half precision."
+        )
 
-        per_image = per_image_metrics_from_keys(keys, positive, valid)
-        usable = per_image.usable
-        self.image_aupr_sum += torch.where(usable, per_image.aupr, 0.0).sum()
-        self.image_auroc_sum += torch.where(usable, per_image.auroc, 0.0).sum()
-        self.image_fpr95_sum += torch.where(usable, per_image.fpr95, 0.0).sum()
+    def _add_per_image(self, per_image: Any) -> None:
+        usable = per_image.usable.to(self.image_count.device)
+        self.image_aupr_sum += torch.where(usable, per_image.aupr.to(usable.device), 0.0).sum()
+        self.image_auroc_sum += torch.where(usable, per_image.auroc.to(usable.device), 0.0).sum()
+        self.image_fpr95_sum += torch.where(usable, per_image.fpr95.to(usable.device), 0.0).sum()
         self.image_count += usable.sum()
 
+    def _update_numpy(self, scores: Tensor, keys: Tensor, mask: Tensor) -> None:
+        labels = mask.numpy()
+        positive = labels == self.anomaly_index
+        valid = labels != self.ignore_index
+        # One sort per image serves the exact per-image metrics and the histogram alike.
+        images = sort_images(keys.numpy(), positive, valid)
+        negatives = [images.negatives[r, :n] for r, n in enumerate(images.num_negatives.tolist())]
+        positives = np.sort(images.positives)
+        # Sorted, a NaN key (outside [-KEY_POS_INF, KEY_POS_INF]) sits at an end of its row.
+        for row in [*negatives, positives]:
+            if row.size and (row[0] < -KEY_POS_INF or row[-1] > KEY_POS_INF):
+                self._raise_nan(scores, torch.from_numpy(valid))
+        runs = [sorted_runs(row) for row in negatives]
+        positive_runs = sorted_runs(positives)
+        batch = sorted_coarse_stats([*negatives, positives], [*runs, positive_runs])
+        stats = merge_coarse_stats(CoarseStats(*(t.numpy() for t in self._coarse_stats())), batch)
+        plan = self._plan(stats)
+        if plan is not None:
+            self._adopt(plan)
+        self._set_coarse_stats(stats)
+
+        start, shift = adaptive_tables(self.coarse_shift.numpy(), self.coarse_offset.numpy(), self.coarse_base.numpy())
+        counts = self.counts.numpy()
+        for row, row_runs in zip(negatives, runs, strict=True):
+            count_sorted(counts[0], row, row_runs, start, shift)
+        count_sorted(counts[1], positives, positive_runs, start, shift)
+        self._add_per_image(per_image_metrics_sorted(images))
+
+    def _update_torch(self, scores: Tensor, keys: Tensor, mask: Tensor) -> None:
+        positive = mask == self.anomaly_index
+        valid = mask != self.ignore_index
+        stats = coarse_stats(keys, valid)
+        # The only host synchronisation: NaN keys lie outside [-KEY_POS_INF, KEY_POS_INF], and the
+        # layout must cover every key of the batch before counting.
+        merged = merge_coarse_stats(self._coarse_stats(), stats)
+        shift = self.coarse_shift.clamp_min(0)
+        outside = (stats.count > 0) & (
+            (self.coarse_shift < 0)
+            | (merged.low_min < (self.coarse_offset << shift))
+            | (merged.low_max > ((self.coarse_offset + self.coarse_size) << shift) - 1)
+        )
+        num_nan, num_outside = torch.stack([((keys.abs() > KEY_POS_INF) & valid).sum(), outside.sum()]).tolist()
+        if num_nan:
+            self._raise_nan(scores, valid)
+        if num_outside:
+            plan = self._plan(CoarseStats(*(t.cpu().numpy() for t in merged)))
+            if plan is not None:
+                self._adopt(plan)
+        self._set_coarse_stats(merged)
+        valid, positive = valid.reshape(-1), positive.reshape(-1)
+        # Ignored pixels may hold any key (NaN too): index 0, and left out by accumulate_counts.
+        index = torch.where(valid, flat_index(keys, self.layout).reshape(-1), 0) + self.num_bins * positive.long()
+        accumulate_counts(self.counts.view(-1), index, valid)
+        self._add_per_image(
+            per_image_metrics_from_keys(keys, positive.view_as(keys), valid.view_as(keys), implementation="torch")
+        )
+
     def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
-        # Used by forward() and merge_state(): bring both histograms to the union layout first.
+        # forward() and merge_state(): bring both histograms to a common layout, then add up.
         incoming = dict(incoming_state)
-        own_range = (int(self.key_min), int(self.key_max))
-        other_range = (int(incoming["key_min"]), int(incoming["key_max"]))
-        union = (min(own_range[0], other_range[0]), max(own_range[1], other_range[1]))
-        self.counts = self._rebinned(self.counts, own_range, union)
-        incoming["counts"] = self._rebinned(incoming["counts"], other_range, union)
+        own = {name: getattr(self, name) for name in self._defaults}
+        theirs_layout = adaptive_layout(*(incoming[name] for name in self._LAYOUT_STATES))
+        merged = self._adopt_merged([own, incoming])
+        incoming["counts"] = rebin_counts(incoming["counts"].to(self.counts.device), theirs_layout, self.layout)
+        incoming.update(merged)
+        self.coarse_align = merged["coarse_align"]
         super()._reduce_states(incoming)
 
     def _sync_dist(self, dist_sync_fn: Any = gather_all_tensors, process_group: Any | None = None) -> None:
-        # Counts can only be summed in a common layout: agree on the global key range, re-bin the
-        # local histogram to it (exact), then let torchmetrics sum counts and min/max the range.
-        # torchmetrics cached the local state before this call and restores it on unsync.
+        # Counts can only be summed in a common layout: gather every rank's layout and coarse
+        # statistics, derive the same merged layout on every rank, re-bin the local histogram to it
+        # (exact), then let torchmetrics sum/min/max the states. torchmetrics cached the local
+        # state before this call and restores it on unsync.
         group = process_group or self.process_group
-        ranges = torch.stack(dist_sync_fn(torch.stack([self.key_min, self.key_max]), group=group))
-        global_min, global_max = int(ranges[:, 0].min()), int(ranges[:, 1].max())
-        local_range = (int(self.key_min), int(self.key_max))
-        self.counts = self._rebinned(self.counts, local_range, (global_min, global_max))
-        self.key_min = torch.full_like(self.key_min, global_min)
-        self.key_max = torch.full_like(self.key_max, global_max)
+        names = ("coarse_shift", "coarse_count", "coarse_min", "coarse_max", "coarse_align")
+        gathered = {name: dist_sync_fn(getattr(self, name), group=group) for name in names}
+        levels = dist_sync_fn(self.level.reshape(1), group=group)
+        states = [
+            {**{name: gathered[name][rank] for name in names}, "level": levels[rank].reshape(())}
+            for rank in range(len(levels))
+        ]
+        merged = self._adopt_merged(states)
+        self.coarse_align = merged["coarse_align"]
         super()._sync_dist(dist_sync_fn, process_group=process_group)
+
+    # ------------------------------------------------------------------ results
+    def _occupied_bins(self, merge_negative_runs: bool = False) -> _Bins | None:
+        """The non-empty bins in score order, or ``None`` before any valid pixel.
+
+        ``merge_negative_runs``: consecutive bins without positives become one bin. That changes no
+        AP, AUROC, FPR95, threshold95 or bound (positives see the same negatives above and below
+        them, and a bin without positives adds nothing to a bound) and leaves about two bins per
+        bin with positives, which makes ``compute()`` cheap.
+        """
+        layout = self.layout
+        if not bool((layout.size > 0).any()):
+            return None
+        position, coarse = occupied_bins(self.counts, layout)
+        neg, pos = self.counts[0, position], self.counts[1, position]
+        if merge_negative_runs and position.numel():
+            keep = pos > 0
+            keep[1:] |= pos[:-1] > 0  # a run without positives starts after a bin with some
+            keep[0] = True
+            first = torch.nonzero(keep).squeeze(1)
+            cumulative = torch.cumsum(neg, 0)
+            last = torch.diff(first, append=first.new_tensor([neg.numel()])) + first - 1
+            neg = cumulative[last] - cumulative[first] + neg[first]
+            position, coarse, pos = position[first], coarse[first], pos[first]
+        shift = layout.shift[coarse].clamp_min(0)
+        unit = layout.offset[coarse] + position - layout.base[coarse]
+        first_key = (coarse << ADAPTIVE_LOW_BITS) + (unit << shift) - KEY_OFFSET
+        last_key = first_key + (1 << shift) - 1
+        # Clamp each bin to the keys its coarse bin has actually seen: the outermost bins of a
+        # coarse bin often hold a single distinct key then (exact), and the lower edge is tighter.
+        seen_first = (coarse << ADAPTIVE_LOW_BITS) + self.coarse_min[coarse] - KEY_OFFSET
+        seen_last = (coarse << ADAPTIVE_LOW_BITS) + self.coarse_max[coarse] - KEY_OFFSET
+        first_key, last_key = torch.maximum(first_key, seen_first), torch.minimum(last_key, seen_last)
+        # Keys of a coarse bin lie on a lattice seen_first + k * 2**align: count its points in the bin.
+        step = self.coarse_align[coarse]
+        lattice_points = ((last_key - seen_first) >> step) - ((first_key - seen_first + (1 << step) - 1) >> step) + 1
+        return _Bins(neg=neg, pos=pos, exact=lattice_points <= 1, lower_key=first_key)
 
     def compute(self) -> dict[str, float]:
         """All metrics as Python floats (see the class docstring)."""
-        counts = self.counts
-        # Empty bins change no metric; dropping them first keeps compute() cheap.
-        occupied = torch.nonzero(counts.sum(0)).squeeze(1)
-        pooled = binary_metrics_from_counts(counts[0, occupied], counts[1, occupied])
-        layout = self.layout
-        if layout is not None and int(pooled["index95"]) >= 0:
-            threshold = bin_lower_edge(occupied[pooled["index95"]], layout).double()
+        bins = self._occupied_bins(merge_negative_runs=True)
+        device = self.counts.device
+        if bins is None:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            bins = _Bins(empty, empty, torch.zeros(0, dtype=torch.bool, device=device), empty)
+        pooled = binary_metrics_from_counts(bins.neg, bins.pos)
+        bounds = binned_error_bounds(bins.neg, bins.pos, bins.exact)
+        if bins.neg.numel() and int(pooled["index95"]) >= 0:
+            threshold = key_to_float(bins.lower_key[pooled["index95"]]).double()
         else:
-            threshold = torch.tensor(float("nan"), dtype=torch.float64, device=counts.device)
+            threshold = torch.tensor(float("nan"), dtype=torch.float64, device=device)
         images = self.image_count.double()
         values = torch.stack(
             [
@@ -269,6 +498,9 @@ class AnomalyMetrics(Metric):
                 pooled["auroc"],
                 pooled["fpr95"],
                 threshold,
+                bounds["aupr"],
+                bounds["auroc"],
+                bounds["fpr95"],
                 self.image_aupr_sum / images,
                 self.image_auroc_sum / images,
                 self.image_fpr95_sum / images,
@@ -277,7 +509,8 @@ class AnomalyMetrics(Metric):
                 pooled["num_neg"].double(),
             ]
         ).tolist()
-        aupr, auroc, fpr95, threshold95, aupr_img, auroc_img, fpr95_img, n_img, n_pos, n_neg = values
+        (aupr, auroc, fpr95, threshold95, aupr_bound, auroc_bound, fpr95_bound) = values[:7]
+        aupr_img, auroc_img, fpr95_img, n_img, n_pos, n_neg = values[7:]
         n_valid = n_pos + n_neg
         name = type(self).__name__
         if n_valid == 0:
@@ -300,12 +533,28 @@ class AnomalyMetrics(Metric):
                 "metrics are undefined (NaN).",
                 UserWarning,
             )
+        loose = {
+            key: value
+            for key, value in (("aupr", aupr_bound), ("auroc", auroc_bound), ("fpr95", fpr95_bound))
+            if math.isfinite(value) and value > BOUND_WARNING
+        }
+        if loose:
+            rank_zero_warn(
+                f"{name}.compute(): the histogram (num_bits={self.num_bits}) leaves error bounds above "
+                f"{BOUND_WARNING:g}: "
+                + ", ".join(f"{key} +-{value:.2g}" for key, value in loose.items())
+                + ". The values are still within these bounds of the exact ones; a larger num_bits tightens them.",
+                UserWarning,
+            )
         nan = float("nan")
         return {
             "aupr": aupr,
             "auroc": auroc,
             "fpr95": fpr95,
             "threshold95": threshold95,
+            "aupr_error_bound": aupr_bound,
+            "auroc_error_bound": auroc_bound,
+            "fpr95_error_bound": fpr95_bound,
             "aupr_per_image": aupr_img if n_img else nan,
             "auroc_per_image": auroc_img if n_img else nan,
             "fpr95_per_image": fpr95_img if n_img else nan,
@@ -330,14 +579,11 @@ class AnomalyMetrics(Metric):
     def _operating_points(self) -> dict[str, Tensor] | None:
         """Cumulative counts at every non-empty bin, from the highest score down (host tensors)."""
         with self._global_state():
-            counts = self.counts.detach().cpu()
-            layout = self.layout
-        if layout is None:
+            bins = self._occupied_bins()
+        if bins is None:
             return None
-        bins = torch.nonzero(counts.sum(0)).squeeze(1).flip(0)
-        tp = counts[1, bins].cumsum(0)
-        fp = counts[0, bins].cumsum(0)
-        return {"bins": bins, "tp": tp, "fp": fp, "thresholds": bin_lower_edge(bins, layout).double()}
+        neg, pos, edge = (value.cpu().flip(0) for value in (bins.neg, bins.pos, bins.lower_key))
+        return {"tp": pos.cumsum(0), "fp": neg.cumsum(0), "thresholds": key_to_float(edge).double()}
 
     def _checked_points(self, caller: str) -> dict[str, Tensor] | None:
         points = self._operating_points()

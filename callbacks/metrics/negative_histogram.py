@@ -17,8 +17,10 @@ from callbacks.metrics.functional import (
     bin_index,
     bin_layout,
     bin_lower_edge,
+    flat_index,
     float_to_key,
     layout_tensors,
+    range_layout,
     rebin_tensors,
 )
 
@@ -36,11 +38,12 @@ class NegativeScoreHistogram(Metric):
     closed-set head predicts for it (G=1). Reading the counts at and above the bin of a
     threshold gives the false positives at that threshold, split by class.
 
-    Binning follows :mod:`callbacks.metrics.functional.histogram`: scores become order-preserving float32 keys and
-    ``bin = (key >> shift) - offset``, with the finest ``shift`` that fits the key range seen so far
-    into ``2**num_bits`` bins; when the range grows, aligned bins merge exactly. Unlike
-    ``AnomalyMetrics``, the layout is kept as device tensors, so ``update`` never synchronises
-    with the host. A bin spans at most a fraction ``2**(shift - 23)`` of its values' magnitude
+    Binning is the range layout of :mod:`callbacks.metrics.functional.histogram`: scores become
+    order-preserving float32 keys and ``bin = (key >> shift) - offset``, with the finest ``shift``
+    that fits the key range seen so far into ``2**num_bits`` bins; when the range grows, aligned
+    bins merge exactly (``rebin_counts``, shared with ``AnomalyMetrics``). Unlike ``AnomalyMetrics``'
+    adaptive layout, this one is computed from device tensors alone, so ``update`` never
+    synchronises with the host. A bin spans at most a fraction ``2**(shift - 23)`` of its values' magnitude
     (``2**-(num_bits - 9)`` when the scores span the whole float range, 1/128 at 16 bits).
     """
 
@@ -85,7 +88,7 @@ class NegativeScoreHistogram(Metric):
         batch_min = torch.where(include, keys, _EMPTY_KEY_MIN).amin()
         batch_max = torch.where(include, keys, _EMPTY_KEY_MAX).amax()
         shift, offset = self._widen(batch_min, batch_max)
-        bins = (keys >> shift) - offset
+        bins = flat_index(keys, range_layout(shift, offset, self.num_bits))
         rows = torch.arange(self.num_groupings, device=keys.device).view(-1, *([1] * keys.dim()))
         index = (rows * self.num_classes + classes.long()) * self.num_bins + bins
         accumulate_counts(self.counts.view(-1), index, include.expand_as(index))

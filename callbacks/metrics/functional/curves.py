@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["binary_metrics_from_counts", "cumulative_counts", "select_curve_points"]
+__all__ = ["binary_metrics_from_counts", "binned_error_bounds", "cumulative_counts", "select_curve_points"]
 
 
 def cumulative_counts(neg_counts: Tensor, pos_counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -77,6 +77,68 @@ def binary_metrics_from_counts(neg_counts: Tensor, pos_counts: Tensor) -> dict[s
         "num_pos": num_pos,
         "num_neg": num_neg,
     }
+
+
+def binned_error_bounds(neg_counts: Tensor, pos_counts: Tensor, exact: Tensor) -> dict[str, Tensor]:
+    """Guaranteed bounds on the distance between ``binary_metrics_from_counts`` and the exact metrics.
+
+    The bins (increasing score order) must hold disjoint score intervals; ``exact[b]`` says that
+    bin ``b`` holds a single distinct score (or nothing), so its pixels are true ties. Inside any
+    other bin the pixels' order is unknown, and the exact metrics are those of *some* order with
+    ties of the bin's pixels. With ``T``/``F`` the positives/negatives in higher bins and ``p``/``n``
+    those of bin ``b`` (``P``/``N`` in all):
+
+    - AP is a sum over bins of ``C_b / P``, and ``C_b`` (the precisions of the bin's positives)
+      depends only on ``T, F, p, n`` and the order inside the bin. It is largest with all ``p``
+      positives tied above the negatives, ``p (T + p) / (T + p + F)``, and smallest with the
+      negatives first and the positives distinct below them, ``sum_{i=1..p} (T + i) / (T + i + F +
+      n) = p - (F + n) sum_{i=1..p} 1 / (A + i)`` with ``A = T + F + n``; the harmonic sum is at
+      most ``log1p(p / (A + 1/2))`` (``1/x`` is convex, so ``1/(A + i)`` is at most its mean over
+      ``[A + i - 1/2, A + i + 1/2]``). The binned value counts the bin as one tie, ``p (T + p) / (T
+      + p + F + n)``, which lies between; ``aupr`` bounds the larger of the two one-sided sums.
+    - AUROC: pairs in different bins are ordered, pairs inside bin ``b`` count 1/2 in the binned
+      value and 0, 1/2 or 1 in the exact one: ``auroc = sum_b p_b n_b / (2 P N)`` over inexact bins.
+    - FPR95: the exact first threshold reaching 95% TPR lies in the bin ``binary_metrics_from_counts``
+      stops at (the positives above it are fewer than ``0.95 P``, with it at least as many), so the
+      exact false positives lie between those above that bin and those up to its end:
+      ``fpr95 = n_b / N`` unless the bin is exact.
+
+    Returns float64 scalars ``aupr``, ``auroc``, ``fpr95`` (NaN where the metric is undefined). They
+    hold for the real-valued sums; float64 rounding of the sums (far below 1e-12 here) comes on top.
+
+    >>> import torch
+    >>> bounds = binned_error_bounds(torch.tensor([3, 1]), torch.tensor([0, 2]), torch.tensor([False, False]))
+    >>> round(float(bounds["auroc"]), 4), float(bounds["fpr95"])
+    (0.125, 0.25)
+    """
+    neg = neg_counts.long()
+    pos = pos_counts.long()
+    if neg.numel() == 0:
+        neg, pos, exact = neg.new_zeros(1), pos.new_zeros(1), exact.new_ones(1)
+    tp, fp = cumulative_counts(neg, pos)
+    num_pos, num_neg = tp[0].double(), fp[0].double()
+    p, n = pos.double(), neg.double()
+    above_pos, above_neg = (tp - pos).double(), (fp - neg).double()
+    inexact = ~exact.bool()
+    nan = torch.full_like(num_pos, float("nan"))
+
+    # AP: C_max - C and C - C_min per bin, written as differences to avoid cancellation.
+    reach = above_pos + p + above_neg
+    gain = p * (above_pos + p) * n / (reach.clamp_min(1.0) * (reach + n).clamp_min(1.0))
+    before = above_pos + above_neg + n
+    loss = (above_neg + n) * (torch.log1p(p / (before + 0.5)) - p / (before + p).clamp_min(1.0))
+    gain = torch.where(inexact & (pos > 0), gain, 0.0)
+    loss = torch.where(inexact & (pos > 0), loss.clamp_min(0.0), 0.0)
+    aupr = torch.where(num_pos > 0, torch.maximum(gain.sum(), loss.sum()) / num_pos.clamp_min(1.0), nan)
+
+    both = (num_pos > 0) & (num_neg > 0)
+    pairs = torch.where(inexact, p * n, 0.0).sum()
+    auroc = torch.where(both, pairs / (2.0 * (num_pos * num_neg).clamp_min(1.0)), nan)
+
+    index95 = ((100 * tp >= 95 * tp[0]).sum() - 1).clamp_min(0)
+    at95 = torch.where(inexact[index95], n[index95], 0.0)
+    fpr95 = torch.where(both, at95 / num_neg.clamp_min(1.0), nan)
+    return {"aupr": aupr, "auroc": auroc, "fpr95": fpr95}
 
 
 def select_curve_points(tpr: Tensor, fpr: Tensor, max_points: int) -> Tensor:

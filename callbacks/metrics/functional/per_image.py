@@ -1,7 +1,22 @@
-"""Exact per-image AP, AUROC and FPR95 (the StreetHazards reference protocol).
+"""Exact per-image AP, AUROC and FPR95: the StreetHazards reference protocol.
 
-Each image's valid pixels are sorted on their device and equal scores form one threshold, as in
-scikit-learn, so the values are exact.
+The reference code (hendrycks/anomaly-seg, ``anom_utils.py``) evaluates every test image that
+contains anomalies on its own: AP is scikit-learn's ``average_precision_score``, AUROC its
+``roc_auc_score``, and FPR95 comes from ``fpr_and_fdr_at_recall``: over the image's distinct
+score thresholds, from the first one reaching full recall up to the highest one, it takes the
+threshold whose recall is closest to 0.95 (``argmin |recall - 0.95|`` in float64, the first
+minimum in that order, i.e. the lowest such threshold) and reports its false positive rate. That
+threshold may recall slightly less than 95%; the pooled metric of ``AnomalyMetrics`` uses the first
+threshold reaching 95% instead.
+
+Each image's pixels are sorted and equal scores form one threshold, so the values are exact.
+
+>>> import torch
+>>> scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4]])
+>>> positive = torch.tensor([[True, False, True, False, False, False]])
+>>> result = per_image_metrics(scores, positive, torch.ones_like(positive))
+>>> round(float(result.aupr[0]), 4), float(result.auroc[0]), float(result.fpr95[0])
+(0.8333, 0.875, 0.25)
 """
 
 from __future__ import annotations
@@ -15,13 +30,27 @@ from torch import Tensor
 from callbacks.metrics.functional import _backend
 from callbacks.metrics.functional.keys import float_to_key
 
-__all__ = ["PER_IMAGE_CHUNK_PIXELS", "PerImageMetrics", "per_image_metrics", "per_image_metrics_from_keys"]
+__all__ = [
+    "PER_IMAGE_CHUNK_PIXELS",
+    "RECALL_LEVEL",
+    "PerImageMetrics",
+    "SortedImages",
+    "per_image_metrics",
+    "per_image_metrics_from_keys",
+    "per_image_metrics_sorted",
+    "sort_images",
+]
+
+#: The recall whose closest operating point gives the reference FPR95.
+RECALL_LEVEL = 0.95
 
 # Sort key that lies below every packed (key << 1 | label) value; marks ignored pixels.
 _EXCLUDED = -(1 << 40)
+# Stands for "no pixel" in sorted int32 rows: above every key (keys are at most 0x7F800000).
+_SENTINEL = np.iinfo(np.int32).max
 
 # Rows processed together by ``per_image_metrics`` are capped at this many pixels, which bounds
-# its temporary memory (about a dozen int64/float64 arrays of this size) independently of batch size.
+# its temporary memory (a few arrays of this size) independently of batch size.
 PER_IMAGE_CHUNK_PIXELS = 1 << 21
 
 
@@ -34,12 +63,87 @@ class PerImageMetrics(NamedTuple):
     usable: Tensor  # bool: the image has at least one positive and one negative valid pixel
 
 
-def _sort_rows(values: Tensor) -> Tensor:
-    """Ascending sort of each row (values only)."""
-    if _backend.numpy_on_cpu(values):
-        # NumPy's SIMD integer sort (x86-simd-sort) is several times faster than torch's CPU sort.
-        return torch.from_numpy(np.sort(values.numpy(), axis=-1))
-    return torch.sort(values, dim=-1).values
+class SortedImages(NamedTuple):
+    """A batch of keys split by class and sorted per image (NumPy), shared by per-image and pooled counting."""
+
+    negatives: np.ndarray  # int32 [B, N]: row r's negative keys ascending, then _SENTINEL
+    num_negatives: np.ndarray  # int64 [B]
+    positives: np.ndarray  # int32 [P]: the positive keys, image by image, ascending within each
+    positive_starts: np.ndarray  # int64 [B + 1]: image r's positives are positives[starts[r]:starts[r + 1]]
+
+
+def sort_images(keys: np.ndarray, positive: np.ndarray, valid: np.ndarray) -> SortedImages:
+    """Sort each row's negative and positive keys (``[B, N]`` int32 keys, bool masks).
+
+    NaN keys must have been rejected before: one could equal the sentinel.
+    """
+    rows, length = keys.shape
+    negative = valid & ~positive
+    negatives = np.where(negative, keys, _SENTINEL)
+    negatives.sort(axis=1)  # NumPy's SIMD sort: several times faster than torch's on CPU
+    flat = np.flatnonzero(valid & positive)
+    row = flat // max(length, 1)
+    # Rows stay apart and keys sort within them: (row << 32) | (key + 2**31) is increasing in both.
+    packed = (row << 32) | (keys.reshape(-1)[flat].astype(np.int64) + (1 << 31))
+    packed.sort()
+    starts = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row, minlength=rows), out=starts[1:])
+    return SortedImages(
+        negatives=negatives,
+        num_negatives=negative.sum(axis=1),
+        positives=((packed & 0xFFFFFFFF) - (1 << 31)).astype(np.int32),
+        positive_starts=starts,
+    )
+
+
+def _reference_fp95(tp: np.ndarray, neg_at_or_below: np.ndarray, fp: np.ndarray, num_pos: int, num_neg: int) -> int:
+    """False positives at the reference code's FPR95 threshold, from one image's positives (ascending).
+
+    Only thresholds at or above the lowest positive are candidates, and a threshold's recall
+    equals that of the positive group at or just above it, so the closest recall is found among
+    the positives' groups; the lowest threshold with that recall lies just above the next lower
+    positive group (or is the lowest positive's group when there is none below).
+    """
+    distance = np.abs(tp / num_pos - RECALL_LEVEL)
+    best = tp[distance == distance.min()].max()  # ties: the lowest threshold, i.e. the larger TP
+    below = np.count_nonzero(tp > best)  # positives scoring lower than that group (a prefix)
+    if below == 0:
+        return int(fp[0])
+    return int(num_neg - neg_at_or_below[below - 1])
+
+
+def per_image_metrics_sorted(images: SortedImages) -> PerImageMetrics:
+    """Exact per-image metrics from ``sort_images``' output (NumPy; binary searches per positive)."""
+    rows = images.negatives.shape[0]
+    aupr, auroc, fpr95 = np.full(rows, np.nan), np.full(rows, np.nan), np.full(rows, np.nan)
+    usable = np.zeros(rows, dtype=bool)
+    for r in range(rows):
+        num_neg = int(images.num_negatives[r])
+        pos = images.positives[images.positive_starts[r] : images.positive_starts[r + 1]]
+        num_pos = pos.size
+        if num_pos == 0 or num_neg == 0:
+            continue
+        neg = images.negatives[r, :num_neg]
+        neg_below = np.searchsorted(neg, pos, side="left")
+        # Negatives tied with a positive: rare with continuous scores, so search again only there.
+        neg_at_or_below = neg_below.copy()
+        tied = np.flatnonzero(neg[np.minimum(neg_below, num_neg - 1)] == pos)
+        if tied.size:
+            neg_at_or_below[tied] = np.searchsorted(neg, pos[tied], side="right")
+        # Positives scoring >= this one's score (its whole tie group included), and negatives.
+        tp = num_pos - np.searchsorted(pos, pos, side="left")
+        fp = num_neg - neg_below
+        usable[r] = True
+        aupr[r] = np.sum(tp / (tp + fp)) / num_pos
+        # Pairs with the negative strictly below count 1, tied 1/2: (below + at_or_below) / 2.
+        auroc[r] = (int(neg_below.sum()) + int(neg_at_or_below.sum())) / (2.0 * num_pos * num_neg)
+        fpr95[r] = _reference_fp95(tp, neg_at_or_below, fp, num_pos, num_neg) / num_neg
+    return PerImageMetrics(
+        aupr=torch.from_numpy(aupr),
+        auroc=torch.from_numpy(auroc),
+        fpr95=torch.from_numpy(fpr95),
+        usable=torch.from_numpy(usable),
+    )
 
 
 def per_image_metrics(
@@ -49,22 +153,18 @@ def per_image_metrics(
     chunk_pixels: int = PER_IMAGE_CHUNK_PIXELS,
     implementation: Literal["auto", "numpy", "torch"] = "auto",
 ) -> PerImageMetrics:
-    """Exact AP, AUROC and FPR95 of every image on its own, with scikit-learn's tie handling.
+    """Exact AP, AUROC and FPR95 of every image on its own, as the StreetHazards reference code computes them.
 
-    Each row is sorted on its device; equal scores form one threshold (a "group"), as in
-    ``sklearn.metrics.precision_recall_curve``/``roc_curve``. With ``TP_g``/``FP_g`` the positives/
-    negatives scoring ``>=`` group ``g``'s score:
+    Equal scores form one threshold (a "group"), as in scikit-learn. With ``TP_g``/``FP_g`` the
+    positives/negatives scoring ``>=`` group ``g``'s score and ``P``/``N`` the image's positives/negatives:
 
-    - ``aupr`` = (1/P) * sum over positive pixels of ``TP_g / (TP_g + FP_g)`` of their group,
-      which equals sum_g (R_g - R_{g-1}) * P_g;
-    - ``auroc`` = ``(U_lt + 0.5 U_eq) / (P N)`` with ``U_lt``/``U_eq`` the (positive, negative)
-      pairs where the negative scores lower/equal, computed as ``(P N + U_lt - U_gt) / (2 P N)``
-      in exact integer arithmetic;
-    - ``fpr95`` = ``FP_g / N`` of the highest-scoring group with ``TP_g >= 0.95 P``.
-
-    Note: the original StreetHazards code takes the FPR at the point whose recall is *closest*
-    to 0.95 (``argmin |recall - 0.95|``), which may lie just below 0.95; this function uses the
-    first point reaching it (scikit-learn ``roc_curve`` convention), like the pooled metric.
+    - ``aupr`` = (1/P) * sum over positive pixels of ``TP_g / (TP_g + FP_g)`` of their group
+      (``average_precision_score``);
+    - ``auroc`` = ``(U_lt + U_eq / 2) / (P N)`` with ``U_lt``/``U_eq`` the (positive, negative)
+      pairs where the negative scores lower/equal, summed in exact integers (``roc_auc_score``);
+    - ``fpr95`` = ``FP_g / N`` of the group whose recall ``TP_g / P`` is closest to 0.95, among the
+      groups from the highest down to the first with recall 1, ties to the lowest such group
+      (``fpr_and_fdr_at_recall``; see the module docstring).
 
     Args:
         scores: ``[B, N]`` float scores (converted to float32), higher = more anomalous. Must not
@@ -88,9 +188,9 @@ def per_image_metrics_from_keys(
     """``per_image_metrics`` on scores already mapped by ``float_to_key`` (``[B, N]`` int32).
 
     ``implementation``: ``"torch"`` runs on the tensors' device with fixed-shape operations only
-    (no host synchronisation, suits CUDA); ``"numpy"`` (CPU tensors) sorts with NumPy's SIMD sort
-    and then works on the positive pixels only, several times faster on CPU. ``"auto"`` picks
-    ``"numpy"`` for CPU tensors. Both give identical results.
+    (no host synchronisation, suits CUDA); ``"numpy"`` (CPU tensors) sorts each image's negatives
+    with NumPy's SIMD sort and binary-searches the positives in them, several times faster on
+    CPU. ``"auto"`` picks ``"numpy"`` for CPU tensors. Both give identical results.
     """
     if keys.ndim != 2 or positive.shape != keys.shape or valid.shape != keys.shape:
         raise ValueError(
@@ -99,7 +199,13 @@ def per_image_metrics_from_keys(
         )
     if implementation == "auto":
         implementation = "numpy" if _backend.numpy_on_cpu(keys) else "torch"
-    chunk = {"numpy": _per_image_chunk_numpy, "torch": _per_image_chunk}[implementation]
+    if implementation == "numpy":
+
+        def chunk(k: Tensor, p: Tensor, v: Tensor) -> PerImageMetrics:
+            return per_image_metrics_sorted(sort_images(k.numpy(), p.numpy(), v.numpy()))
+
+    else:
+        chunk = _per_image_chunk
     rows_per_chunk = max(1, chunk_pixels // max(keys.shape[1], 1))
     parts = [
         chunk(
@@ -122,7 +228,7 @@ def _per_image_chunk(keys: Tensor, positive: Tensor, valid: Tensor) -> PerImageM
     # Pack (key, label) into one sortable int64 so that a values-only sort suffices: equal scores
     # stay adjacent (their order inside a tie group is irrelevant below), ignored pixels go first.
     packed = (keys.long() << 1) | positive.long()
-    packed = _sort_rows(torch.where(valid, packed, torch.full_like(packed, _EXCLUDED)))
+    packed = torch.sort(torch.where(valid, packed, torch.full_like(packed, _EXCLUDED)), dim=-1).values
 
     is_valid = packed != _EXCLUDED
     is_pos = is_valid & ((packed & 1) == 1)
@@ -153,8 +259,14 @@ def _per_image_chunk(keys: Tensor, positive: Tensor, valid: Tensor) -> PerImageM
     u_lt = torch.where(is_pos, neg_below, 0).sum(-1)
     u_gt = torch.where(is_neg, pos_below, 0).sum(-1)
     auroc = (p * n + u_lt - u_gt).double() / (2 * p * n).clamp_min(1).double()
-    reaches = is_valid & (100 * tp >= 95 * num_pos)
-    fp95 = torch.where(reaches, fp, num_neg).amin(-1)
+    # Reference FPR95: every element stands for its group; candidates are the groups at or above
+    # the lowest positive; the smallest |recall - 0.95| wins, ties to the lowest group (largest FP).
+    lowest_positive = torch.where(is_pos, key, torch.full_like(key, 1 << 40)).amin(-1, keepdim=True)
+    candidate = is_valid & (key >= lowest_positive)
+    distance = (tp.double() / num_pos.clamp_min(1).double() - RECALL_LEVEL).abs()
+    distance = torch.where(candidate, distance, torch.full_like(distance, float("inf")))
+    closest = distance == distance.amin(-1, keepdim=True)
+    fp95 = torch.where(candidate & closest, fp, torch.full_like(fp, -1)).amax(-1)
     fpr95 = fp95.double() / n.clamp_min(1).double()
 
     usable = (p > 0) & (n > 0)
@@ -164,56 +276,4 @@ def _per_image_chunk(keys: Tensor, positive: Tensor, valid: Tensor) -> PerImageM
         auroc=torch.where(usable, auroc, nan),
         fpr95=torch.where(usable, fpr95, nan),
         usable=usable,
-    )
-
-
-def _per_image_chunk_numpy(keys: Tensor, positive: Tensor, valid: Tensor) -> PerImageMetrics:
-    """CPU version of ``_per_image_chunk``: one global sort, then work on positives only."""
-    rows, length = keys.shape
-    valid_np = valid.numpy()
-    positive_np = positive.numpy() & valid_np
-    # Row r's packed values live in [r * 2**34 - 2**33, r * 2**34 + 2**32), so one sort of the
-    # flattened batch sorts every row and keeps rows apart. Packed = (key << 1 | is_positive):
-    # inside a tie group negatives precede positives; excluded pixels sit below their row.
-    row_base = (np.arange(rows, dtype=np.int64) << 34)[:, None]
-    packed = (keys.numpy().astype(np.int64) << 1) | positive_np
-    packed += row_base
-    np.copyto(packed, np.broadcast_to(row_base - (1 << 33), packed.shape), where=~valid_np)
-    flat = np.sort(packed, axis=None)
-    del packed
-
-    num_excluded = length - valid_np.sum(axis=1)
-    num_pos = positive_np.sum(axis=1)
-    num_neg = length - num_excluded - num_pos
-    first_pos = np.cumsum(num_pos) - num_pos  # index of each row's first positive in pos_at
-    pos_at = np.flatnonzero(flat & 1)  # positions of the positives, ascending (excluded are even)
-    row = pos_at // length
-    first_valid = row * length + num_excluded[row]
-    rank = np.arange(pos_at.size) - first_pos[row]  # positives before this one in its row
-    # First element of the positive's tie group: the first value >= (key << 1 | 0) in its row.
-    group_start = np.searchsorted(flat, flat[pos_at] - 1, side="left")
-    pos_below = np.searchsorted(pos_at, group_start, side="left") - first_pos[row]
-    neg_below = (group_start - first_valid) - pos_below
-    # Tied negatives precede the positive, so those up to it are exactly the ones scoring <= it.
-    neg_at_or_below = (pos_at - first_valid) - rank
-    tp = num_pos[row] - pos_below
-    fp = num_neg[row] - neg_below
-
-    usable = (num_pos > 0) & (num_neg > 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        aupr = np.bincount(row, weights=tp / (tp + fp), minlength=rows) / num_pos
-        # Pairs with the negative strictly below + at-or-below = 2 * (U_lt + U_eq / 2).
-        pairs = np.bincount(row, weights=neg_below + neg_at_or_below, minlength=rows)
-        auroc = pairs / (2.0 * num_pos * num_neg)
-        # The first threshold reaching 95% TPR is the group of the ceil(0.95 P)-th highest positive.
-        needed = (95 * num_pos + 99) // 100
-        target = np.clip(first_pos + num_pos - needed, 0, max(pos_at.size - 1, 0))
-        fp95 = fp[target] if pos_at.size else np.zeros(rows, dtype=np.int64)
-        fpr95 = fp95 / num_neg
-    nan = np.full(rows, np.nan)
-    return PerImageMetrics(
-        aupr=torch.from_numpy(np.where(usable, aupr, nan)),
-        auroc=torch.from_numpy(np.where(usable, auroc, nan)),
-        fpr95=torch.from_numpy(np.where(usable, fpr95, nan)),
-        usable=torch.from_numpy(usable),
     )

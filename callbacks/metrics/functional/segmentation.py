@@ -44,3 +44,26 @@ def iou_from_confusion_matrix(confmat: Tensor) -> dict[str, Tensor]:
     total = confmat.sum()
     pixel_accuracy = torch.where(total > 0, true_pos.sum() / total.clamp_min(1.0), float("nan"))
     return {"iou": iou, "miou": torch.nanmean(iou), "pixel_accuracy": pixel_accuracy}
+
+
+def segmentation_metrics(
+    preds_or_logits: Tensor, target: Tensor, num_classes: int, ignore_index: int = 255, anomaly_index: int = 13
+) -> dict[str, Tensor]:
+    """One-shot twin of ``SegmentationMetrics``: IoU, mIoU, pixel accuracy and the confusion matrix.
+
+    ``preds_or_logits``: logits ``[B, K, H, W]`` (argmax over ``K``) or class predictions ``[B, H, W]``;
+    pixels labelled ``ignore_index`` or ``anomaly_index`` are excluded, as are (silently, unlike the
+    metric) pixels whose label or prediction lies outside ``0..K-1``.
+
+    >>> import torch
+    >>> result = segmentation_metrics(torch.tensor([[[0, 1], [1, 1]]]), torch.tensor([[[0, 1], [0, 1]]]), 2)
+    >>> round(result["miou"].item(), 4), result["confusion_matrix"].tolist()
+    (0.5833, [[1, 1], [0, 2]])
+    """
+    preds = preds_or_logits.argmax(1) if preds_or_logits.ndim == target.ndim + 1 else preds_or_logits
+    excluded = (target == ignore_index) | (target == anomaly_index)
+    index, include = confusion_matrix_index(preds, target, num_classes, excluded)
+    cells = num_classes * num_classes
+    include = include & (index < cells)
+    confmat = torch.bincount(index[include], minlength=cells).view(num_classes, num_classes)
+    return {**iou_from_confusion_matrix(confmat), "confusion_matrix": confmat}
