@@ -9,7 +9,7 @@ remove them).
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import pytest
@@ -38,7 +38,7 @@ def project_modules() -> dict[str, Path]:
     return {_module_name(p): p for p in files}
 
 
-def _imported_names(tree: ast.AST, module: str, is_package: bool) -> Iterator[str]:
+def _imported_names(tree: ast.AST, module: str, is_package: bool, modules: Collection[str]) -> Iterator[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -49,9 +49,11 @@ def _imported_names(tree: ast.AST, module: str, is_package: bool) -> Iterator[st
                 anchor = module.split(".") if is_package else module.split(".")[:-1]
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
-            yield base
-            for alias in node.names:  # `from package import module`
-                yield f"{base}.{alias.name}"
+            for alias in node.names:
+                # `from package import module` depends on that module; `from module import name`
+                # on the module (Python runs a package's __init__ before any of its modules either way).
+                submodule = f"{base}.{alias.name}"
+                yield submodule if submodule in modules else base
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -60,7 +62,7 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         tree = ast.parse(path.read_text(), filename=str(path))
         targets = set()
-        for imported in _imported_names(tree, name, path.name == "__init__.py"):
+        for imported in _imported_names(tree, name, path.name == "__init__.py", modules):
             if imported in modules and imported != name:
                 targets.add(imported)
         graph[name] = targets
