@@ -59,6 +59,7 @@ from typing import Any, BinaryIO
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from datamodules.io import atomic_write_text
 from datamodules.streethazards import SPLITS, StreetHazardsDataError, scan_split
 
 __all__ = [
@@ -222,9 +223,7 @@ def write_odgt_indexes(root: str | os.PathLike[str], folder: str, overwrite: boo
         split_dir = root / folder
         records = [_record(s.image, s.annotation, split_dir) for s in samples if s.annotation is not None]
         text = "[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n"
-        partial = index.with_name(f".{index.name}.tmp{os.getpid()}")
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, index)  # readers never see a half-written index
+        atomic_write_text(index, text)  # readers never see a half-written index
         written.append(index)
     return written
 

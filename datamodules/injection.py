@@ -27,7 +27,6 @@ dataloader worker loads it.
 from __future__ import annotations
 
 import os
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,6 +36,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from datamodules.io import atomic_open
 from datamodules.labels import ANOMALY_INDEX
 
 __all__ = [
@@ -293,16 +293,9 @@ class SBDOutlierSource(OutlierSource):
 
     def _write_cache(self, entries: np.ndarray) -> None:
         assert self.cache_file is not None
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        # Write-then-rename: several DDP ranks may build the index at the same time.
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=self.cache_file.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, entries=entries, **self._cache_key())
-            os.replace(tmp, self.cache_file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Write-then-rename (unique temporary names): several DDP ranks may build the index at once.
+        with atomic_open(self.cache_file, "wb") as handle:
+            np.savez(handle, entries=entries, **self._cache_key())
 
     def build_index(self) -> None:
         """Scan the split's instance maps (or read ``cache_file``) unless already done."""

@@ -37,6 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datamodules.io import atomic_write_text
 from datamodules.labels import (
     ANOMALY_INDEX,
     CLASS_NAMES,
@@ -789,10 +790,7 @@ class StreetHazardsDataModule(L.LightningDataModule):
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for mask in loader:
             counts += np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=256)[: self.num_classes]
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(counts.tolist()))
-        os.replace(tmp, cache)
+        atomic_write_text(cache, json.dumps(counts.tolist()))
         return counts.tolist()
 
 
