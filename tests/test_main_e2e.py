@@ -76,10 +76,13 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
         assert (out / name).is_file(), name
     document = json.loads((out / "comparison.json").read_text())
     methods_seen = [r["method"] for r in document["records"]]
-    assert methods_seen[:3] == ["sml", "fre", "dual_decoder"]
+    roster = main.roster(None)  # every method compared by default, in table order
+    assert {"sml", "fre", "dual_decoder"} <= set(roster) and methods_seen[: len(roster)] == roster
     assert {"msp@sml", "maxlogit@sml", "entropy@sml", "sml@dual_decoder"} <= set(methods_seen)
     # FRE scores SML's network: its logit baselines are listed once (with sml), its own fre_raw with it.
-    assert "fre_raw@fre" in methods_seen and not {"msp@fre", "maxlogit@fre", "entropy@fre"} & set(methods_seen)
+    assert "fre_raw@fre" in methods_seen and not {"msp@fre", "maxlogit@fre", "entropy@fre", "energy@fre"} & set(
+        methods_seen
+    )
     for record in document["records"]:
         for key in ("aupr", "auroc", "fpr95", "miou", "aupr_per_image", "train_time_s", "test_time_s", "checkpoint"):
             assert key in record, key
