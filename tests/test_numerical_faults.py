@@ -11,25 +11,13 @@ import torch
 from torch.utils.data import DataLoader
 
 import main
-from tests.helpers import (  # noqa: F401
-    REPO,
+from tests.helpers import (
     STEPS_PER_EPOCH,
-    DumpBuffers,
-    EpochStatistics,
-    NaNInputAt,
-    ReplayTrainBatches,
-    SignalAt,
-    assert_same_evaluation,
     callbacks_arg,
     checkpoint_dir,
     cli_args,
-    free_port,
     load,
-    method_config_args,
-    mtime,
     parameters_finite,
-    run_one_and_two_processes,
-    wait_for,
 )
 
 

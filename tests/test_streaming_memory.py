@@ -16,26 +16,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_modules.base import AnomalySegmentationModule, MethodOutput
-from tests.helpers import (  # noqa: F401
-    REPO,
-    STEPS_PER_EPOCH,
-    DumpBuffers,
-    EpochStatistics,
-    NaNInputAt,
-    ReplayTrainBatches,
-    SignalAt,
-    assert_same_evaluation,
-    callbacks_arg,
-    checkpoint_dir,
-    cli_args,
-    free_port,
-    load,
-    method_config_args,
-    mtime,
-    parameters_finite,
-    run_one_and_two_processes,
-    wait_for,
-)
 
 # --------------------------------------------------------------------------------------- 5. long runs
 HEIGHT, WIDTH = 720, 1280
