@@ -73,6 +73,7 @@ def run(name: str, precision: str, seed: int | None, args: argparse.Namespace, d
     print(f"=== {name}: precision {precision}" + (f", seed {seed}" if seed is not None else ""), flush=True)
     return compare(
         str(Path(args.output_dir) / name),
+        methods=args.methods,
         overrides=overrides,
         reuse_checkpoints=False,  # every run trains afresh: a stale run of other settings must not count
         num_examples=1,
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra CLI argument for every run (repeatable), e.g. --override=--trainer.limit_train_batches=2",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="methods compared (default: compare's; 'all': every method)"
+    )
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,14 @@ import pytest
 from PIL import Image
 
 from datamodules.synthetic import write_synthetic_streethazards
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Parallel workers share the cores: one thread each (and in the subprocesses they start),
+    # since OpenMP threads spin-waiting for a busy core slow everything down several-fold.
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 SPLIT_DIRS = {
     "train": ("train", "training", "t1-3", "train.odgt"),

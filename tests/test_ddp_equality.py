@@ -1,4 +1,9 @@
-"""Under DDP (2 gloo processes) evaluation and statistics equal one process."""
+"""Under DDP (2 gloo processes) evaluation and statistics equal one process.
+
+Every method's post-hoc fit and test evaluation on 2 processes is compared with 1 process by the
+registry-wide contract test (``tests/test_method_contract.py``); this file adds what is specific:
+SML's exact statistics and scores (every training pixel counted once), and the dual decoder's
+epoch statistics during training and in a checkpoint written within an epoch."""
 
 from __future__ import annotations
 
@@ -11,7 +16,6 @@ from typing import Any
 import pytest
 import torch
 
-import main
 from tests.helpers import (
     REPO,
     EpochStatistics,
@@ -43,66 +47,7 @@ def test_ddp_sml_test_and_statistics_equal_one_process(
     assert_same_evaluation(runs[1]["metrics"], runs[2]["metrics"], exact_scores=("sml", "msp", "maxlogit", "entropy"))
 
 
-@pytest.mark.slow
-def test_ddp_fre_statistics_and_test_equal_one_process(
-    data_root: Path, trained: dict[str, Path], tmp_path: Path
-) -> None:
-    """FRE scoring the trained segmenter: moments, subspaces and error statistics fitted on 2
-    processes equal the 1-process fit (the pixel budget is large enough to keep every pixel, so
-    both fits see the same pixels; with subsampling each process draws its own sample)."""
-    extra = [f"--model.init_args.init_checkpoint={trained['last']}", "--model.init_args.max_pixels_per_class=100000000"]
-    runs = run_one_and_two_processes("fre", data_root, extra, tmp_path)
-    one, (rank0, rank1) = runs[1]["buffers"][0], runs[2]["buffers"]
-    for name, value in rank0.items():
-        assert torch.equal(value, rank1[name]), name
-    for name in ("moment_counts", "error_counts", "subspace_ranks"):
-        assert torch.equal(one[name], rank0[name]), name
-    assert one["moment_counts"].sum() == 11 * 16 * 24  # every feature pixel (1/4 resolution) was used
-    for name in ("moment_sums", "moment_outer", "subspace_means", "error_sums", "error_sq_sums"):
-        torch.testing.assert_close(rank0[name], one[name], rtol=1e-10, atol=1e-9, msg=name)
-    projector_one = one["subspace_bases"] @ one["subspace_bases"].transpose(1, 2)
-    projector_two = rank0["subspace_bases"] @ rank0["subspace_bases"].transpose(1, 2)
-    torch.testing.assert_close(projector_two, projector_one, rtol=0, atol=1e-7)
-    torch.testing.assert_close(rank0["error_mean"], one["error_mean"], rtol=1e-7, atol=1e-9)
-    torch.testing.assert_close(rank0["error_std"], one["error_std"], rtol=1e-7, atol=1e-9)
-    assert_same_evaluation(runs[1]["metrics"], runs[2]["metrics"], exact_scores=("msp", "maxlogit", "entropy"))
-
-
 DUAL_DECODER = "dual_decoder"
-
-
-@pytest.fixture(scope="module")
-def dual_decoder_unfitted(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-epoch dual-decoder run's checkpoint of epoch 1: it holds the epoch statistics of epoch
-    0, and no post-hoc statistics (it was saved at validation, before training ended)."""
-    out = tmp_path_factory.mktemp("dual_decoder")
-    args = [*cli_args(data_root, out, method=DUAL_DECODER), "--trainer.max_epochs=2", "--checkpoint.save_top_k=-1"]
-    assert main.main(["fit", *args]) == 0
-    (path,) = checkpoint_dir(out).glob("best-epoch1-*.ckpt")
-    return path
-
-
-@pytest.mark.slow
-def test_ddp_dual_decoder_test_and_posthoc_statistics_equal_one_process(
-    data_root: Path, dual_decoder_unfitted: Path, tmp_path: Path
-) -> None:
-    """``test`` of a dual-decoder checkpoint without the post-hoc SML statistics of its semantic
-    logits: both runs fit them (11 training images, 6 + 5 on 2 processes), then evaluate."""
-    state = load(dual_decoder_unfitted)["state_dict"]
-    assert not bool(state["posthoc_fitted"]) and bool(state["class_valid"].any())
-    runs = run_one_and_two_processes(DUAL_DECODER, data_root, [f"--ckpt_path={dual_decoder_unfitted}"], tmp_path)
-    one, (rank0, rank1) = runs[1]["buffers"][0], runs[2]["buffers"]
-    for name, value in rank0.items():
-        assert torch.equal(value, rank1[name]), name
-    for name in EpochStatistics.STATISTICS:  # from the checkpoint, untouched by test
-        assert torch.equal(one[name], state[name]) and torch.equal(rank0[name], state[name]), name
-    assert bool(one["posthoc_fitted"]) and bool(rank0["posthoc_fitted"])
-    assert torch.equal(one["sml.counts"], rank0["sml.counts"])
-    assert one["sml.counts"].sum() == 11 * 64 * 96  # every training pixel, none twice
-    for name in ("sml.sums", "sml.sq_sums", "sml.means", "sml.stds"):
-        torch.testing.assert_close(rank0[name], one[name], rtol=1e-12, atol=1e-12, msg=name)
-    exact = ("dual_decoder", "sml", "msp", "maxlogit", "entropy")
-    assert_same_evaluation(runs[1]["metrics"], runs[2]["metrics"], exact_scores=exact)
 
 
 @pytest.mark.slow

@@ -104,3 +104,24 @@ def test_smoothing_dilation_smooths_the_score_and_keeps_the_raw_one() -> None:
 def test_bad_smoothing_dilation_is_rejected(value: object) -> None:
     with pytest.raises(ValueError, match="model.smoothing_dilation"):
         tiny(smoothing_dilation=value)
+
+
+def test_an_encoder_stage_is_modelled_with_the_published_one_class_options() -> None:
+    # Published FRE's closest configuration: one subspace of an encoder stage, unstandardised.
+    model = tiny(feature_layer="encoder3", mode="global", standardize=False, max_pixels_per_class=10**9)
+    assert model.subspace_means.shape == (1, 128)  # resnet18 layer3: 128 channels at 1/8 resolution
+    data = batches()
+    model.fit_posthoc(data)
+    model.eval()
+    with torch.no_grad():
+        features, _ = model.net.forward_layer(data[0]["image"], "encoder3")
+        assert features.shape[-2:] == (8, 8)
+        score = model.segment(data[0]["image"]).scores["fre"]
+    assert score.shape == (2, 64, 64) and torch.isfinite(score).all()
+    # the global subspace is the PCA of every encoder3 pixel of the fitting pass
+    with torch.no_grad():
+        rows = torch.cat([model.net.forward_layer(b["image"], "encoder3")[0] for b in data])
+    x = rows.permute(0, 2, 3, 1).reshape(-1, 128).double().numpy()
+    np.testing.assert_allclose(model.subspace_means[0].numpy(), x.mean(0), rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="model.feature_layer"):
+        tiny(feature_layer="layer3")

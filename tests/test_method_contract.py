@@ -18,7 +18,7 @@ from PIL import Image
 
 import main
 from lightning_modules.registry import discover_methods, methods
-from tests.helpers import checkpoint_dir, cli_args, run_one_and_two_processes
+from tests.helpers import assert_same_evaluation, checkpoint_dir, cli_args, run_one_and_two_processes
 
 discover_methods()
 METHODS = sorted(methods())
@@ -107,7 +107,8 @@ def test_checkpoint_round_trip_gives_the_same_scores(name: str, fitted: dict[str
 @pytest.mark.parametrize("name", METHODS)
 def test_posthoc_state_on_two_processes_equals_one(name: str, data_root: Path, tmp_path: Path) -> None:
     """``test`` of an untrained network fits the post-hoc statistics; 2 gloo processes must fit
-    what 1 process fits (sums to float64 rounding, memory banks as the same set of rows)."""
+    what 1 process fits (sums to float64 rounding, memory banks as the same set of rows) and
+    evaluate the 7 test images to the same metrics (pooled ones within their error bounds)."""
     model = main.cli_main([*cli_args(data_root, tmp_path / "probe", method=name)], run=False).model
     if not model.needs_posthoc:
         pytest.skip(f"{name} has no post-hoc statistics")
@@ -124,6 +125,7 @@ def test_posthoc_state_on_two_processes_equals_one(name: str, data_root: Path, t
         else:
             torch.testing.assert_close(rank0[key], one[key], rtol=1e-10, atol=1e-9, msg=key)
     assert bool(rank0["posthoc_fitted"]) and bool(one["posthoc_fitted"])
+    assert_same_evaluation(runs[1]["metrics"], runs[2]["metrics"], exact_scores=())
 
 
 @pytest.mark.parametrize("name", METHODS)

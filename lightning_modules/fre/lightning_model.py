@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 
 @register_method("fre", scores_network_of="sml")
 class FRESegmenter(DeepLabV3PlusSegmenter):
-    """DeepLabV3+ whose decoder features are scored by their PCA reconstruction error.
+    """DeepLabV3+ whose pixel features are scored by their PCA reconstruction error.
+
+    A per-pixel, class-conditional variant of FRE (Ndiour et al., BMVC 2023) on the trained
+    segmenter's features; ``lightning_modules/fre/README.md`` lists how it differs from the
+    published one-class FRE and which options come closest to it.
 
     After training (or on a segmenter loaded with ``init_checkpoint``), one pass over the
     training split accumulates per-class feature moments in float64 (a seeded subsample of at
@@ -56,6 +60,9 @@ class FRESegmenter(DeepLabV3PlusSegmenter):
             (:func:`lightning_modules.scoring.postprocessing.dilated_smoothing`) at this dilation; ``None`` (the
             default) scores as published, unsmoothed. When set, the unsmoothed score is also
             reported, as ``fre_raw``, so the effect of the smoothing stays visible.
+        feature_layer: the features modelled: 'decoder' (the decoder output before the
+            segmentation head, 256 channels at 1/4 resolution; the default) or 'encoder<i>'
+            (encoder stage ``i``; 'encoder3' is the ResNet ``layer3`` that published FRE reads).
     """
 
     #: Options under which the post-hoc fit sees the same pixels on any number of processes (each
@@ -72,6 +79,7 @@ class FRESegmenter(DeepLabV3PlusSegmenter):
         standardize: bool = True,
         seed: int = 0,
         smoothing_dilation: int | None = None,
+        feature_layer: str = "decoder",
         **segmenter_kwargs: Any,
     ) -> None:
         super().__init__(**segmenter_kwargs)
@@ -81,8 +89,10 @@ class FRESegmenter(DeepLabV3PlusSegmenter):
             raise ValueError(f"model.mode must be one of {SCORING_MODES}, got '{mode}'")
         if not 0.0 < explained_variance <= 1.0:
             raise ValueError(f"model.explained_variance must be in (0, 1], got {explained_variance}")
+        if feature_layer not in self.net.feature_layers():
+            raise ValueError(f"model.feature_layer must be one of {self.net.feature_layers()}, got {feature_layer!r}")
         k = self.num_classes
-        c = self.net.model.decoder.out_channels if hasattr(self.net.model.decoder, "out_channels") else 256
+        c = self.net.feature_channels(feature_layer)
         num_subspaces = 1 if mode == "global" else k
         self.feature_channels = c
         # moment accumulators (fitting pass 1) and error accumulators (pass 2)
@@ -123,7 +133,7 @@ class FRESegmenter(DeepLabV3PlusSegmenter):
         self._budget = -(-self.hparams.max_pixels_per_class // world)
 
     def _features_and_labels(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        features, _ = self.forward_features(batch["image"])
+        features, _ = self.forward_layer(batch["image"], self.hparams.feature_layer)
         labels = resize_labels(batch["mask"], tuple(features.shape[-2:]))
         labels = torch.where(labels < self.num_classes, labels, torch.full_like(labels, -1))
         return features.float(), labels
@@ -205,7 +215,7 @@ class FRESegmenter(DeepLabV3PlusSegmenter):
         return F.interpolate(score[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
     def segment(self, image: Tensor) -> MethodOutput:
-        features, logits = self.forward_features(image)
+        features, logits = self.forward_layer(image, self.hparams.feature_layer)
         with torch.autocast(device_type=image.device.type, enabled=False):
             score = self.fre_score(features, logits.float(), tuple(image.shape[-2:]))
             dilation = self.hparams.smoothing_dilation

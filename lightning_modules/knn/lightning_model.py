@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,11 +23,9 @@ from lightning_modules.knn.functional import (
 )
 from lightning_modules.registry import register_method
 from lightning_modules.segmenter import DeepLabV3PlusSegmenter
-from lightning_modules.segmenter.torch_model import SIZE_DIVISOR
 
 log = logging.getLogger(__name__)
 
-_ENCODER_LAYER = re.compile(r"^encoder([1-9])$")
 #: The post-hoc accumulators: the bank's features, each row's priority and its class.
 BANK_BUFFERS = ("bank", "bank_priorities", "bank_labels")
 
@@ -83,8 +79,9 @@ class KNNSegmenter(DeepLabV3PlusSegmenter):
             raise ValueError(f"model.bank_size must be None or an integer >= k ({k}), got {bank_size!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"model.reduction must be one of {REDUCTIONS}, got '{reduction}'")
-        self._stage = self._parse_layer(feature_layer)
-        channels = self._layer_channels(self._stage)
+        if feature_layer not in self.net.feature_layers():
+            raise ValueError(f"model.feature_layer must be one of {self.net.feature_layers()}, got {feature_layer!r}")
+        channels = self.net.feature_channels(feature_layer)
         self.register_buffer("bank", torch.zeros(0, channels))
         self.register_buffer("bank_priorities", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("bank_labels", torch.zeros(0, dtype=torch.long))
@@ -92,37 +89,9 @@ class KNNSegmenter(DeepLabV3PlusSegmenter):
             self.declare_posthoc_accumulator(name, "cat")
 
     # ----------------------------------------------------------------- features
-    def _parse_layer(self, layer: str) -> int | None:
-        """``None`` for the decoder, the stage index for 'encoder<i>'."""
-        if layer == "decoder":
-            return None
-        match = _ENCODER_LAYER.match(str(layer))
-        stages = len(self.net.model.encoder.out_channels) - 1
-        if match is None or not 1 <= int(match.group(1)) <= stages:
-            raise ValueError(f"model.feature_layer must be 'decoder' or 'encoder1'..'encoder{stages}', got '{layer}'")
-        return int(match.group(1))
-
-    def _layer_channels(self, stage: int | None) -> int:
-        if stage is None:
-            return self.net.model.segmentation_head[0].in_channels
-        return self.net.model.encoder.out_channels[stage]
-
     def features_and_logits(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """(features of ``feature_layer`` ``[B, C, h, w]`` for the unpadded image, logits ``[B, K, H, W]``)."""
-        if self._stage is None:
-            return self.forward_features(image)
-        captured: dict[str, Sequence[Tensor]] = {}
-        # A hook rather than a second encoder call: one forward pass gives the stage and the logits.
-        handle = self.net.model.encoder.register_forward_hook(lambda m, i, out: captured.setdefault("stages", out))
-        try:
-            _, logits = self.forward_features(image)
-        finally:
-            handle.remove()
-        stage = captured["stages"][self._stage]
-        # The network pads inputs to a multiple of SIZE_DIVISOR: crop the stage to the image's extent.
-        stride = math.ceil(image.shape[-2] / SIZE_DIVISOR) * SIZE_DIVISOR // stage.shape[-2]
-        height, width = math.ceil(image.shape[-2] / stride), math.ceil(image.shape[-1] / stride)
-        return stage[..., :height, :width], logits
+        return self.forward_layer(image, self.hparams.feature_layer)
 
     def _rows(self, features: Tensor) -> Tensor:
         """``[B, C, h, w] -> [B, h*w, C]`` float32 rows, normalised with ``normalize``."""

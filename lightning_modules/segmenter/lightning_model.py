@@ -63,6 +63,10 @@ class DeepLabV3PlusSegmenter(AnomalySegmentationModule):
     def forward_features(self, image: Tensor) -> tuple[Tensor, Tensor]:
         return self.net.forward_features(self._prepare(image))
 
+    def forward_layer(self, image: Tensor, layer: str) -> tuple[Tensor, Tensor]:
+        """(features of ``layer``, logits): see :meth:`DeepLabV3Plus.forward_layer`."""
+        return self.net.forward_layer(self._prepare(image), layer)
+
     def segment(self, image: Tensor) -> MethodOutput:
         logits = self(image)
         return MethodOutput(logits, self.baseline_scores(logits))

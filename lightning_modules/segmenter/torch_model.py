@@ -95,19 +95,47 @@ class DeepLabV3Plus(nn.Module):
         if encoder_weights is not None:
             self.model.encoder = build_encoder(encoder_name, encoder_weights, output_stride=output_stride)
 
-    def forward_features(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        """(decoder features [B, 256, H/4, W/4], logits [B, K, H, W]) for input [B, 3, H, W]."""
+    def feature_layers(self) -> list[str]:
+        """The layers :meth:`forward_layer` can return: 'decoder' and 'encoder1'..'encoder<N>'."""
+        return ["decoder", *(f"encoder{i}" for i in range(1, len(self.model.encoder.out_channels)))]
+
+    def feature_channels(self, layer: str) -> int:
+        """Channels of ``layer``'s features."""
+        stage = self._stage(layer)
+        return self.model.segmentation_head[0].in_channels if stage is None else self.model.encoder.out_channels[stage]
+
+    def _stage(self, layer: str) -> int | None:
+        if layer not in self.feature_layers():
+            raise ValueError(f"feature layer must be one of {self.feature_layers()}, got {layer!r}")
+        return None if layer == "decoder" else int(layer[len("encoder") :])
+
+    def forward_layer(self, image: Tensor, layer: str = "decoder") -> tuple[Tensor, Tensor]:
+        """(features of ``layer`` ``[B, C, h, w]``, logits ``[B, K, H, W]``) from one forward pass.
+
+        'decoder': the decoder output before the segmentation head (256 channels at 1/4 of the
+        input resolution); 'encoder<i>': encoder stage ``i`` (stride ``2**i``, capped at the
+        output stride). Features cover the unpadded image (``ceil(H / stride)`` rows).
+        """
+        stage = self._stage(layer)
         height, width = image.shape[-2:]
         pad_h = (-height) % SIZE_DIVISOR
         pad_w = (-width) % SIZE_DIVISOR
         if pad_h or pad_w:
             image = F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
-        features = self.model.decoder(self.model.encoder(image))
+        stages = self.model.encoder(image)
+        features = self.model.decoder(stages)
         logits = self.model.segmentation_head(features)
+        if stage is not None:
+            features = stages[stage]
         if pad_h or pad_w:
             logits = logits[..., :height, :width]
-            features = features[..., : math.ceil(height / 4), : math.ceil(width / 4)]
+        stride = image.shape[-2] // features.shape[-2]
+        features = features[..., : math.ceil(height / stride), : math.ceil(width / stride)]
         return features, logits
+
+    def forward_features(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """(decoder features [B, 256, H/4, W/4], logits [B, K, H, W]) for input [B, 3, H, W]."""
+        return self.forward_layer(image, "decoder")
 
     def forward(self, image: Tensor) -> Tensor:
         return self.forward_features(image)[1]
