@@ -562,6 +562,7 @@ def compare(
             "base_config": base_config,
             "scores_network_of": scores_network_of,
             "init_from": init_from,
+            "protocol": _common_protocol({name: runs[name]["results"].get("protocol") for name in names}),
         },
     )
     table = format_table(records)
@@ -571,7 +572,9 @@ def compare(
         f"# Method comparison\n\nTest split, anomaly pixel fraction {fraction:.4f}; "
         f"{records[0]['num_classes'] if records else '?'} known classes. Pooled metrics over all test pixels; "
         "`/img`: mean over test images with anomalies (StreetHazards reference protocol). "
-        "`score@network`: another score of that network.\n\n" + table + "\n",
+        "FPR95: the first ROC point reaching 95% TPR (pooled), the threshold whose recall is closest "
+        "to 0.95 (`/img`, the reference code's rule). `score@network`: another score of that network. "
+        "Protocol card: `comparison.json`, key `protocol`.\n\n" + table + "\n",
     )
     plot_comparison(records, curves, examples, out / "comparison.png")
     print(table)
@@ -579,6 +582,14 @@ def compare(
     return records
 
 
+
+
+def _common_protocol(cards: dict[str, Any]) -> dict[str, Any]:
+    """The protocol card every method's results share, or every card when they differ."""
+    distinct = [card for i, card in enumerate(cards.values()) if card not in list(cards.values())[:i]]
+    if len(distinct) == 1:
+        return distinct[0]
+    return {"differs_between_methods": cards}
 
 
 def compare_main(argv: Sequence[str]) -> int:

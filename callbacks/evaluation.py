@@ -33,6 +33,7 @@ from torchmetrics import Metric
 
 from callbacks.metrics import AnomalyMetrics, NegativeScoreHistogram, SegmentationMetrics, SplitCounts
 from callbacks.metrics.functional import BinLayout, false_positive_breakdown
+from callbacks.protocol import protocol_card
 from datamodules.io import atomic_write_json
 from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IGNORE_INDEX
 
@@ -367,6 +368,7 @@ class AnomalyEvaluation(L.Callback):
             "threshold95": threshold,
             "scores": anomaly,
             "false_positives_at_threshold95": breakdown,
+            "protocol": _protocol_card_of(trainer, class_names),
         }
         self.curves[stage] = curves
         if stage == "test" and output_dir is not None:
@@ -396,15 +398,25 @@ class AnomalyEvaluation(L.Callback):
             "num_anomaly_pixels": results["num_anomaly_pixels"],
             "scores": results["scores"],
             "false_positives_at_threshold95": results["false_positives_at_threshold95"],
-            "protocols": {
-                "pooled": "aupr, auroc, fpr95: all valid pixels of the split pooled",
-                "per_image": "*_per_image: mean over images with anomaly pixels (StreetHazards reference code)",
-                "null": "undefined values (e.g. no anomaly pixels) are written as null",
-            },
+            "protocol": results["protocol"],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         atomic_write_json(path, document)
         rank_zero_info(f"AnomalyEvaluation: wrote {path}")
+
+
+def _protocol_card_of(trainer: L.Trainer, class_names: Sequence[str]) -> dict[str, Any]:
+    """The run's protocol card (:func:`callbacks.protocol.protocol_card`) from its datamodule's settings."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and hasattr(datamodule, "test_image_size"):
+        size = datamodule.test_image_size
+    else:
+        size = "the test dataloader's label grid (not a StreetHazards datamodule)"
+    return protocol_card(
+        class_names,
+        ignore_unlabeled=getattr(datamodule, "ignore_unlabeled", None),
+        test_image_size=size,
+    )
 
 
 def false_positive_report(

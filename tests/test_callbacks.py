@@ -251,9 +251,13 @@ def test_metrics_json_content(test_run):
         "anomaly_fraction",
         "scores",
         "false_positives_at_threshold95",
-        "protocols",
+        "protocol",
     ):
         assert key in doc, key
+    card = doc["protocol"]
+    assert card["pooled"]["fpr95_rule"] == "first_reaching" and card["per_image"]["fpr95_rule"] == "closest_recall"
+    assert card["class_set"] == list(CLASS_NAMES) and card["test_time_augmentation"] == "none"
+    assert "not a StreetHazards datamodule" in card["evaluation_resolution"]
     assert doc["method"] == "toy" and doc["primary_score"] == "red"
     assert doc["split"] == "test" and doc["num_images"] == N_IMAGES and doc["num_classes"] == 13
     assert doc["class_names"] == list(CLASS_NAMES) and doc["checkpoint"] is None

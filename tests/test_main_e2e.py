@@ -94,6 +94,9 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
     hparams = torch.load(out / "dual_decoder/run/checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]
     assert hparams["init_checkpoint"].endswith("sml/run/checkpoints/last.ckpt")
     assert "| sml |" in (out / "comparison.md").read_text()
+    # every method was tested under one protocol, so the file carries that one card
+    card = document["protocol"]
+    assert card["pooled"]["fpr95_rule"] == "first_reaching" and card["evaluation_resolution"] == "64x96"
     assert Image.open(out / "comparison.png").size[0] > 500
     assert len(records) == len(document["records"])
 
