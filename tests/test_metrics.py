@@ -70,6 +70,7 @@ def test_result_keys_bookkeeping_and_exact_twin() -> None:
             "aupr_per_image",
             "auroc_per_image",
             "fpr95_per_image",
+            "fpr95_first_per_image",
             "num_images_per_image",
             "anomaly_fraction",
             "num_valid_pixels",

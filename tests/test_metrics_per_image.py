@@ -105,3 +105,29 @@ def test_anomaly_metrics_per_image_protocol_matches_reference() -> None:
     assert result["num_images_per_image"] == count
     for key in ("aupr", "auroc", "fpr95"):
         assert result[f"{key}_per_image"] == pytest.approx(expected[key], abs=1e-12), key
+
+
+def first_reaching_fpr95(scores: np.ndarray, positive: np.ndarray) -> float:
+    """FPR at the first ROC point (scikit-learn's, from high to low threshold) whose TPR >= 0.95."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, _ = roc_curve(positive, scores, drop_intermediate=False)
+    return float(fpr[np.argmax(tpr >= RECALL_LEVEL)])
+
+
+@pytest.mark.parametrize("implementation", ["numpy", "torch"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_image_first_reaching_fpr95_equals_the_first_roc_point(implementation: str, seed: int) -> None:
+    scores, positive, valid = _random_images(seed)
+    result = per_image_metrics(
+        torch.from_numpy(scores), torch.from_numpy(positive), torch.from_numpy(valid), implementation=implementation
+    )
+    for row in range(scores.shape[0]):
+        s, y = scores[row][valid[row]].astype(np.float64), positive[row][valid[row]]
+        if y.all() or not y.any():
+            assert np.isnan(result.fpr95_first[row].item())
+            continue
+        assert result.fpr95_first[row].item() == first_reaching_fpr95(s, y), row
+    # The rules differ: the reference takes the lowest threshold of the closest recall (negatives
+    # down to the next positive count), the first-reaching rule the highest reaching 0.95.
+    assert (result.fpr95_first[result.usable] != result.fpr95[result.usable]).any()

@@ -111,6 +111,8 @@ class AnomalyMetrics(Metric):
     - the StreetHazards reference protocol: ``aupr_per_image``, ``auroc_per_image``,
       ``fpr95_per_image``, the mean over images with at least one anomaly and one normal valid
       pixel, each computed exactly from that image alone; ``num_images_per_image`` such images;
+      ``fpr95_first_per_image``: the same mean with the pooled metric's first-reaching FPR95 rule
+      per image (DenseHybrid's per-image protocol);
     - ``anomaly_fraction`` (positives / valid pixels) and ``num_valid_pixels``.
 
     FPR95 follows two rules, one per protocol, because the published code does:
@@ -216,6 +218,7 @@ class AnomalyMetrics(Metric):
     image_aupr_sum: Tensor
     image_auroc_sum: Tensor
     image_fpr95_sum: Tensor
+    image_fpr95_first_sum: Tensor
     image_count: Tensor
 
     def __init__(
@@ -263,7 +266,7 @@ class AnomalyMetrics(Metric):
         )
         # Water level of the last allocation (see histogram.plan_layout).
         self.add_state("level", torch.zeros((), dtype=torch.float64), dist_reduce_fx="max")
-        for name in ("image_aupr_sum", "image_auroc_sum", "image_fpr95_sum"):
+        for name in ("image_aupr_sum", "image_auroc_sum", "image_fpr95_sum", "image_fpr95_first_sum"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("image_count", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
@@ -354,6 +357,7 @@ class AnomalyMetrics(Metric):
         self.image_aupr_sum += torch.where(usable, per_image.aupr.to(usable.device), 0.0).sum()
         self.image_auroc_sum += torch.where(usable, per_image.auroc.to(usable.device), 0.0).sum()
         self.image_fpr95_sum += torch.where(usable, per_image.fpr95.to(usable.device), 0.0).sum()
+        self.image_fpr95_first_sum += torch.where(usable, per_image.fpr95_first.to(usable.device), 0.0).sum()
         self.image_count += usable.sum()
 
     def _update_numpy(self, scores: Tensor, keys: Tensor, mask: Tensor) -> None:
@@ -505,12 +509,13 @@ class AnomalyMetrics(Metric):
                 self.image_auroc_sum / images,
                 self.image_fpr95_sum / images,
                 images,
+                self.image_fpr95_first_sum / images,
                 pooled["num_pos"].double(),
                 pooled["num_neg"].double(),
             ]
         ).tolist()
         (aupr, auroc, fpr95, threshold95, aupr_bound, auroc_bound, fpr95_bound) = values[:7]
-        aupr_img, auroc_img, fpr95_img, n_img, n_pos, n_neg = values[7:]
+        aupr_img, auroc_img, fpr95_img, n_img, fpr95_first_img, n_pos, n_neg = values[7:]
         n_valid = n_pos + n_neg
         name = type(self).__name__
         if n_valid == 0:
@@ -558,6 +563,7 @@ class AnomalyMetrics(Metric):
             "aupr_per_image": aupr_img if n_img else nan,
             "auroc_per_image": auroc_img if n_img else nan,
             "fpr95_per_image": fpr95_img if n_img else nan,
+            "fpr95_first_per_image": fpr95_first_img if n_img else nan,
             "num_images_per_image": n_img,
             "anomaly_fraction": n_pos / n_valid if n_valid else nan,
             "num_valid_pixels": n_valid,

@@ -75,6 +75,7 @@ def anomaly_metrics(scores: Tensor, mask: Tensor, anomaly_index: int = 13, ignor
         "aupr_per_image": mean(per_image.aupr),
         "auroc_per_image": mean(per_image.auroc),
         "fpr95_per_image": mean(per_image.fpr95),
+        "fpr95_first_per_image": mean(per_image.fpr95_first),
         "num_images_per_image": float(num_images),
         "anomaly_fraction": num_pos / num_valid if num_valid else nan,
         "num_valid_pixels": float(num_valid),

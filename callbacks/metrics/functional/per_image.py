@@ -59,8 +59,9 @@ class PerImageMetrics(NamedTuple):
 
     aupr: Tensor  # float64
     auroc: Tensor  # float64
-    fpr95: Tensor  # float64
+    fpr95: Tensor  # float64, the reference code's closest-recall rule
     usable: Tensor  # bool: the image has at least one positive and one negative valid pixel
+    fpr95_first: Tensor  # float64, FPR at the first threshold (high to low) whose TPR reaches 0.95
 
 
 class SortedImages(NamedTuple):
@@ -116,6 +117,7 @@ def per_image_metrics_sorted(images: SortedImages) -> PerImageMetrics:
     """Exact per-image metrics from ``sort_images``' output (NumPy; binary searches per positive)."""
     rows = images.negatives.shape[0]
     aupr, auroc, fpr95 = np.full(rows, np.nan), np.full(rows, np.nan), np.full(rows, np.nan)
+    fpr95_first = np.full(rows, np.nan)
     usable = np.zeros(rows, dtype=bool)
     for r in range(rows):
         num_neg = int(images.num_negatives[r])
@@ -138,11 +140,15 @@ def per_image_metrics_sorted(images: SortedImages) -> PerImageMetrics:
         # Pairs with the negative strictly below count 1, tied 1/2: (below + at_or_below) / 2.
         auroc[r] = (int(neg_below.sum()) + int(neg_at_or_below.sum())) / (2.0 * num_pos * num_neg)
         fpr95[r] = _reference_fp95(tp, neg_at_or_below, fp, num_pos, num_neg) / num_neg
+        # The first ROC point reaching 95% TPR is the highest positive group whose recall does.
+        reaching = tp / num_pos >= RECALL_LEVEL
+        fpr95_first[r] = fp[reaching][np.argmin(tp[reaching])] / num_neg
     return PerImageMetrics(
         aupr=torch.from_numpy(aupr),
         auroc=torch.from_numpy(auroc),
         fpr95=torch.from_numpy(fpr95),
         usable=torch.from_numpy(usable),
+        fpr95_first=torch.from_numpy(fpr95_first),
     )
 
 
@@ -217,7 +223,7 @@ def per_image_metrics_from_keys(
     ]
     if not parts:
         empty = torch.empty(0, dtype=torch.float64, device=keys.device)
-        return PerImageMetrics(empty, empty, empty, torch.empty(0, dtype=torch.bool, device=keys.device))
+        return PerImageMetrics(empty, empty, empty, torch.empty(0, dtype=torch.bool, device=keys.device), empty)
     return PerImageMetrics(*(torch.cat(field) for field in zip(*parts, strict=True)))
 
 
@@ -268,6 +274,11 @@ def _per_image_chunk(keys: Tensor, positive: Tensor, valid: Tensor) -> PerImageM
     closest = distance == distance.amin(-1, keepdim=True)
     fp95 = torch.where(candidate & closest, fp, torch.full_like(fp, -1)).amax(-1)
     fpr95 = fp95.double() / n.clamp_min(1).double()
+    # First-reaching FPR95: the positive group with the fewest TP among those recalling >= 0.95.
+    reaching = is_pos & (tp.double() / num_pos.clamp_min(1).double() >= RECALL_LEVEL)
+    fewest = torch.where(reaching, tp, torch.full_like(tp, 1 << 40)).amin(-1, keepdim=True)
+    fp_first = torch.where(reaching & (tp == fewest), fp, torch.full_like(fp, -1)).amax(-1)
+    fpr95_first = fp_first.double() / n.clamp_min(1).double()
 
     usable = (p > 0) & (n > 0)
     nan = torch.full_like(aupr, float("nan"))
@@ -276,4 +287,5 @@ def _per_image_chunk(keys: Tensor, positive: Tensor, valid: Tensor) -> PerImageM
         auroc=torch.where(usable, auroc, nan),
         fpr95=torch.where(usable, fpr95, nan),
         usable=usable,
+        fpr95_first=torch.where(usable, fpr95_first, nan),
     )
