@@ -25,9 +25,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from callbacks.evaluation import AnomalyEvaluation
 from callbacks.guards import NonFiniteLossGuard, PreemptionCheckpoint, TrainingPreempted
 from callbacks.prediction_writer import AnomalyPredictionWriter
+from callbacks.protocol import resolve_presets
 from callbacks.visualization import AnomalyHeatmapLogger
 from datamodules.io import atomic_open, atomic_write_json, atomic_write_text
-from datamodules.labels import ANOMALY_INDEX, IMAGE_MEAN, IMAGE_STD, colorize
+from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IMAGE_MEAN, IMAGE_STD, colorize
 from datamodules.streethazards import StreetHazardsDataModule
 from lightning_modules.base import AnomalySegmentationModule
 from lightning_modules.checkpoints import (
@@ -278,6 +279,13 @@ def build_compare_parser() -> ArgumentParser:
         "--reuse_checkpoints", type=bool, default=True, help="Resume or reuse runs found in output_dir."
     )
     parser.add_argument("--num_examples", type=int, default=2, help="Example images in the heatmap rows.")
+    parser.add_argument(
+        "--protocols",
+        type=list[str],
+        default=[],
+        help="Protocol presets evaluated besides the default metrics (callbacks.protocol.PRESETS: reference, "
+        "densehybrid, mask2anomaly, pooled); one extra table each.",
+    )
     return parser
 
 
@@ -311,6 +319,9 @@ def _records_of(name: str, results: dict[str, Any], extra: dict[str, Any], liste
             "num_classes": results["num_classes"],
             **extra,
         }
+        under = {name: p["scores"][score] for name, p in results.get("protocols", {}).items() if score in p["scores"]}
+        if under:
+            record["protocols"] = under
         records.append(record)
     return records
 
@@ -397,6 +408,23 @@ def format_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_protocol_tables(records: list[dict[str, Any]]) -> str:
+    """One table per protocol preset: AUPR, AUROC and FPR95 of every record evaluated under it."""
+    names = list(dict.fromkeys(name for r in records for name in r.get("protocols", {})))
+    parts = []
+    for name in names:
+        lines = [f"\n\nProtocol preset `{name}` (see `comparison.json` for its card):\n"]
+        lines += ["| method | AUPR | AUROC | FPR95 |", "|---|---|---|---|"]
+        for r in records:
+            values = r.get("protocols", {}).get(name)
+            if values is not None:
+                cells = [f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else "n/a" for v in
+                         (values["aupr"], values["auroc"], values["fpr95"])]  # fmt: skip
+                lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "".join(parts)
+
+
 def plot_comparison(
     records: list[dict[str, Any]], curves: dict[str, dict[str, Any]], examples: dict[str, list[dict]], path: Path
 ) -> None:
@@ -471,8 +499,13 @@ def compare(
     init_from: dict[str, str] | None = None,
     base_config: str | None = "configs/demo.yaml",
     method_config_dir: str = "configs/method/demo",
+    protocols: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Run the comparison and write its three files; return the records.
+
+    ``protocols``: presets of :data:`callbacks.protocol.PRESETS` evaluated too (the method's own
+    score under each); every record then holds them under ``protocols`` and ``comparison.md``
+    has one more table per preset.
 
     ``methods``: names (their configs are ``method_config_dir/<name>.yaml``) or name -> config;
     ``None``: every registered method compared by default; ``"all"``: every registered method.
@@ -483,6 +516,9 @@ def compare(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     discover_methods()
+    if protocols:
+        resolve_presets(protocols, CLASS_NAMES)  # an unknown preset fails before any training
+        overrides = [*overrides, f"--evaluation.protocols={json.dumps(list(protocols))}"]
     if methods == "all" or methods == ["all"]:
         methods = list(methods_registry())
     if methods is None or not isinstance(methods, dict):
@@ -565,7 +601,7 @@ def compare(
             "protocol": _common_protocol({name: runs[name]["results"].get("protocol") for name in names}),
         },
     )
-    table = format_table(records)
+    table = format_table(records) + format_protocol_tables(records)
     fraction = records[0]["anomaly_fraction"] if records else math.nan
     atomic_write_text(
         out / "comparison.md",
@@ -604,6 +640,7 @@ def compare_main(argv: Sequence[str]) -> int:
         cfg.init_from,
         cfg.base_config,
         cfg.method_config_dir,
+        cfg.protocols,
     )
     return 0
 

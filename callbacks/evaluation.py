@@ -19,7 +19,7 @@ import datetime as _dt
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from torchmetrics import Metric
 
 from callbacks.metrics import AnomalyMetrics, NegativeScoreHistogram, SegmentationMetrics, SplitCounts
 from callbacks.metrics.functional import BinLayout, false_positive_breakdown
-from callbacks.protocol import protocol_card
+from callbacks.protocol import ProtocolPreset, protocol_card, resolve_presets
 from datamodules.io import atomic_write_json
 from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IGNORE_INDEX
 
@@ -85,6 +85,11 @@ class _StageState:
     counts: SplitCounts
     anomaly: dict[str, AnomalyMetrics]
     negatives: NegativeScoreHistogram | None = None
+    #: Per protocol preset: the preset, the class indices it makes void, and its own metrics per
+    #: score (``None`` when the default metrics already hold its values).
+    protocols: dict[str, tuple[ProtocolPreset, Tensor, dict[str, AnomalyMetrics] | None]] = field(
+        default_factory=dict
+    )
 
     @property
     def primary(self) -> str:
@@ -99,6 +104,8 @@ class _StageState:
         per epoch on the demo until a full collection happened to run.
         """
         metrics: list[Metric] = [self.segmentation, self.counts, *self.anomaly.values()]
+        for _, _, own in self.protocols.values():
+            metrics.extend((own or {}).values())
         if self.negatives is not None:
             metrics.append(self.negatives)
         for metric in metrics:
@@ -144,6 +151,13 @@ class AnomalyEvaluation(L.Callback):
             ``2 * K * 2**bits`` int64 (13.6 MB for K=13 at the default 16).
         metrics_filename: Name of the results file inside ``output_dir``.
         curve_points: Points kept of each PR/ROC curve in :attr:`curves`.
+        protocols: protocol presets computed besides the default metrics (names of
+            :data:`callbacks.protocol.PRESETS`, e.g. ``densehybrid``, ``mask2anomaly``, or mappings
+            of :class:`~callbacks.protocol.ProtocolPreset` fields); ``metrics.json`` gets their
+            AUPR, AUROC and FPR95 under ``protocols.<name>`` with the preset's card. A preset with
+            void classes, or pooled over images with anomalies only, keeps its own histograms
+            (68 MiB per score).
+        protocol_scores: ``'primary'`` (the method's own score) or ``'all'`` scores under the presets.
 
     After an epoch, :attr:`results` holds the values per stage (``"validate"``, ``"test"``),
     :attr:`curves` the PR/ROC curves and TensorBoard PR-curve counts per stage and score (global
@@ -163,8 +177,17 @@ class AnomalyEvaluation(L.Callback):
         false_positive_bits: int = 16,
         metrics_filename: str = "metrics.json",
         curve_points: int = 1000,
+        protocols: Sequence[str | dict[str, Any]] = (),
+        protocol_scores: str = "primary",
     ) -> None:
         super().__init__()
+        # Unknown presets, rules or classes fail here, before any training; the class set is
+        # checked again against the run's classes at the first batch.
+        self.protocols = list(protocols)
+        resolve_presets(self.protocols, CLASS_NAMES)
+        if protocol_scores not in ("primary", "all"):
+            raise ValueError(f"evaluation.protocol_scores must be 'primary' or 'all', got '{protocol_scores}'")
+        self.protocol_scores = protocol_scores
         self.output_dir = output_dir
         self.per_class_false_positives = per_class_false_positives
         self.false_positive_bits = int(false_positive_bits)
@@ -272,7 +295,34 @@ class AnomalyEvaluation(L.Callback):
                 if self.per_class_false_positives
                 else None
             ),
+            protocols=self._create_protocols(pl_module, num_classes, names, anomaly_index, ignore_index),
         )
+
+    def _create_protocols(
+        self,
+        pl_module: L.LightningModule,
+        num_classes: int,
+        names: tuple[str, ...],
+        anomaly_index: int,
+        ignore_index: int,
+    ) -> dict[str, tuple[ProtocolPreset, Tensor, dict[str, AnomalyMetrics] | None]]:
+        class_names = _class_names(pl_module.trainer, pl_module, num_classes)
+        scores = names if self.protocol_scores == "all" else names[:1]
+        protocols = {}
+        for preset in resolve_presets(self.protocols, class_names, CLASS_NAMES):
+            void = [class_names.index(c) for c in preset.void_classes if c in class_names]
+            void_index = torch.tensor(void, dtype=torch.long, device=pl_module.device)
+            own = bool(void) or (preset.aggregation == "pooled" and preset.images == "with_anomalies")
+            metrics = (
+                {
+                    score: AnomalyMetrics(anomaly_index=anomaly_index, ignore_index=ignore_index).to(pl_module.device)
+                    for score in scores
+                }
+                if own
+                else None
+            )
+            protocols[preset.name] = (preset, void_index, metrics)
+        return protocols
 
     def _update(self, stage: str, pl_module: L.LightningModule, outputs: Any, batch: Any) -> None:
         logits, scores = _unpack_outputs(outputs)
@@ -293,6 +343,16 @@ class AnomalyEvaluation(L.Callback):
         resized = {name: resize_to(score, size).float() for name, score in scores.items()}
         for name, score in resized.items():
             state.anomaly[name].update(score, mask)
+        for preset, void_index, own in state.protocols.values():
+            if own is None:
+                continue
+            ignore = torch.full_like(mask, state.counts.ignore_index)
+            protocol_mask = torch.where(torch.isin(mask, void_index), ignore, mask) if void_index.numel() else mask
+            if preset.images == "with_anomalies":
+                has_anomaly = (mask == state.counts.anomaly_index).flatten(1).any(dim=1).view(-1, 1, 1)
+                protocol_mask = torch.where(has_anomaly, protocol_mask, ignore)
+            for name, metric in own.items():
+                metric.update(resized[name], protocol_mask)
         if state.negatives is not None:
             anomaly_index = state.counts.anomaly_index
             known = (mask >= 0) & (mask < state.num_classes) & (mask != anomaly_index)
@@ -318,6 +378,7 @@ class AnomalyEvaluation(L.Callback):
         log(f"{prefix}/pixel_accuracy", segmentation["pixel_accuracy"])
 
         anomaly: dict[str, dict[str, float]] = {}
+        protocols: dict[str, dict[str, Any]] = {}
         curves: dict[str, dict[str, Any]] = {}
         if counts["anomaly_pixels"] > 0 or stage == "test":
             for name, metric in state.anomaly.items():
@@ -331,6 +392,10 @@ class AnomalyEvaluation(L.Callback):
                     log(f"{prefix}/{name}/{key}", anomaly[name].get(key))
             for key in PRIMARY_KEYS:
                 log(f"{prefix}/{key}", anomaly[state.primary].get(key), prog_bar=key == "aupr")
+            protocols = self._protocol_results(state, anomaly)
+            for protocol, values in protocols.items():
+                for key, value in values["scores"][state.primary].items():
+                    log(f"{prefix}/{protocol}/{key}", value)
         elif stage == "validate":
             rank_zero_info("AnomalyEvaluation: the validation split has no anomaly pixels; anomaly metrics skipped")
         anomaly_fraction = counts["anomaly_pixels"] / counts["valid_pixels"] if counts["valid_pixels"] else math.nan
@@ -369,10 +434,26 @@ class AnomalyEvaluation(L.Callback):
             "scores": anomaly,
             "false_positives_at_threshold95": breakdown,
             "protocol": _protocol_card_of(trainer, class_names),
+            "protocols": protocols,
         }
         self.curves[stage] = curves
         if stage == "test" and output_dir is not None:
             self._write_metrics(trainer, output_dir, self.results[stage])
+
+    def _protocol_results(self, state: _StageState, anomaly: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+        """Each preset's card and, per score, its AUPR, AUROC and FPR95 (a collective under DDP)."""
+        results = {}
+        names = state.score_names if self.protocol_scores == "all" else state.score_names[:1]
+        for name, (preset, _, own) in state.protocols.items():
+            scores = {}
+            for score in own if own is not None else names:
+                values = own[score].compute() if own is not None else anomaly[score]
+                scores[score] = {key: values[source] for key, source in preset.result_keys.items()}
+                images = "num_images_per_image" if preset.aggregation == "per_image" else None
+                scores[score]["num_images"] = values[images] if images else None
+                scores[score]["anomaly_fraction"] = values["anomaly_fraction"]
+            results[name] = {"card": preset.card(), "scores": scores}
+        return results
 
     def _write_metrics(self, trainer: L.Trainer, output_dir: Path, results: dict[str, Any]) -> None:
         path = output_dir / self.metrics_filename
@@ -399,6 +480,7 @@ class AnomalyEvaluation(L.Callback):
             "scores": results["scores"],
             "false_positives_at_threshold95": results["false_positives_at_threshold95"],
             "protocol": results["protocol"],
+            "protocols": results["protocols"],
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         atomic_write_json(path, document)

@@ -17,10 +17,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["AP_DEFINITION", "FPR95_RULES", "protocol_card"]
+__all__ = ["AP_DEFINITION", "FPR95_RULES", "PRESETS", "ProtocolPreset", "protocol_card", "resolve_presets"]
 
 #: How AP is computed, for both aggregations: the step-wise sum over thresholds (no interpolation).
 AP_DEFINITION = (
@@ -105,3 +106,146 @@ def protocol_card(
         "test_time_augmentation": test_time_augmentation,
         "undefined_values": "written as null (e.g. no anomaly pixel in the split)",
     }
+
+
+_AGGREGATIONS = ("pooled", "per_image")
+_IMAGES = ("all", "with_anomalies")
+
+
+@dataclass(frozen=True)
+class ProtocolPreset:
+    """A named evaluation protocol: which pixels count, how images are aggregated, which FPR95 rule.
+
+    Attributes:
+        name: the preset's name (``metrics.json`` key ``protocols.<name>``).
+        source: where the rules were read (code and file).
+        aggregation: ``"pooled"`` (all counted pixels of all counted images together) or
+            ``"per_image"`` (each image with both anomaly and normal pixels alone, then the mean).
+        fpr95_rule: ``"first_reaching"`` or ``"closest_recall"`` (:data:`FPR95_RULES`).
+        void_classes: known classes left out of the evaluation (neither anomaly nor negative).
+        images: ``"all"`` or ``"with_anomalies"`` (only images with at least one anomaly pixel; a
+            per-image mean always uses only those).
+        test_time_augmentation: what the source averages at test time; this tool does not apply it
+            yet, so a preset that needs it is reproduced without it (its card says so).
+    """
+
+    name: str
+    source: str
+    aggregation: str
+    fpr95_rule: str
+    void_classes: tuple[str, ...] = ()
+    images: str = "all"
+    test_time_augmentation: str = "none"
+
+    def __post_init__(self) -> None:
+        for option, value, allowed in (
+            ("aggregation", self.aggregation, _AGGREGATIONS),
+            ("fpr95_rule", self.fpr95_rule, tuple(FPR95_RULES)),
+            ("images", self.images, _IMAGES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"protocol '{self.name}': unknown {option} '{value}'; expected one of {allowed}")
+        object.__setattr__(self, "void_classes", tuple(self.void_classes))
+
+    @property
+    def result_keys(self) -> dict[str, str]:
+        """Headline name -> the ``AnomalyMetrics`` key that holds it under this protocol."""
+        if self.aggregation == "pooled":
+            return {"aupr": "aupr", "auroc": "auroc", "fpr95": "fpr95"}
+        fpr95 = "fpr95_per_image" if self.fpr95_rule == "closest_recall" else "fpr95_first_per_image"
+        return {"aupr": "aupr_per_image", "auroc": "auroc_per_image", "fpr95": fpr95}
+
+    def check(self) -> None:
+        """Reject combinations the metric library does not compute."""
+        if self.aggregation == "pooled" and self.fpr95_rule != "first_reaching":
+            raise ValueError(
+                f"protocol '{self.name}': pooled metrics use the first_reaching FPR95 rule only, "
+                f"got '{self.fpr95_rule}'"
+            )
+
+    def card(self, applied_tta: str = "none") -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "void_classes": list(self.void_classes),
+            "fpr95_rule_text": FPR95_RULES[self.fpr95_rule],
+            "ap_definition": AP_DEFINITION,
+            "test_time_augmentation_applied": applied_tta,
+            "reproduced": (
+                "fully"
+                if self.test_time_augmentation == "none"
+                else f"without the source's test-time augmentation ({self.test_time_augmentation})"
+            ),
+        }
+
+
+#: Published StreetHazards protocol families (rules read in each source's evaluation code).
+PRESETS: dict[str, ProtocolPreset] = {
+    "reference": ProtocolPreset(
+        "reference",
+        "hendrycks/anomaly-seg: anom_utils.py (AP, AUROC, fpr_and_fdr_at_recall), eval_ood.py",
+        aggregation="per_image",
+        fpr95_rule="closest_recall",
+        images="with_anomalies",
+        test_time_augmentation="softmax averaged over 5 test scales",
+    ),
+    "densehybrid": ProtocolPreset(
+        "densehybrid",
+        "matejgrcic/DenseHybrid: per-image evaluation, class 'other' ignored, first ROC point at TPR >= 0.95",
+        aggregation="per_image",
+        fpr95_rule="first_reaching",
+        void_classes=("other",),
+        images="with_anomalies",
+    ),
+    "mask2anomaly": ProtocolPreset(
+        "mask2anomaly",
+        "shyam671/Mask2Anomaly: pooled over images with anomalies, 'unlabeled' and 'other' void, flip averaging",
+        aggregation="pooled",
+        fpr95_rule="first_reaching",
+        void_classes=("unlabeled", "other"),
+        images="with_anomalies",
+        test_time_augmentation="horizontal flip averaging",
+    ),
+    "pooled": ProtocolPreset(
+        "pooled",
+        "this project's pooled metrics (SegmentMeIfYouCan-style pixel pooling over the whole split)",
+        aggregation="pooled",
+        fpr95_rule="first_reaching",
+    ),
+}
+
+
+def resolve_presets(
+    protocols: Sequence[str | Mapping[str, Any]], class_names: Sequence[str], all_class_names: Sequence[str] = ()
+) -> list[ProtocolPreset]:
+    """Presets by name (:data:`PRESETS`) or custom ones given as mappings of :class:`ProtocolPreset`
+    fields, checked against the class set: a void class must be one of ``class_names``, or one of
+    ``all_class_names`` that is void already (``unlabeled`` under ``data.ignore_unlabeled``)."""
+    known = set(class_names) | set(all_class_names)
+    allowed = {f.name for f in fields(ProtocolPreset)}
+    presets = []
+    for item in protocols:
+        if isinstance(item, str):
+            if item not in PRESETS:
+                raise ValueError(f"unknown protocol preset '{item}'; known: {', '.join(PRESETS)}")
+            preset = PRESETS[item]
+        else:
+            unknown = set(item) - allowed
+            if unknown:
+                raise ValueError(
+                    f"protocol {dict(item)}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
+                )
+            if "name" not in item:
+                raise ValueError(f"protocol {dict(item)}: a custom protocol needs a 'name'")
+            defaults = {"source": "user-defined", "aggregation": "pooled", "fpr95_rule": "first_reaching"}
+            preset = ProtocolPreset(**{**defaults, **item})
+        preset.check()
+        missing = [c for c in preset.void_classes if c not in known]
+        if missing:
+            raise ValueError(
+                f"protocol '{preset.name}': unknown void class(es) {missing}; classes: {', '.join(class_names)}"
+            )
+        presets.append(preset)
+    names = [p.name for p in presets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"protocol names must be unique, got {names}")
+    return presets

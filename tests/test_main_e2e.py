@@ -71,6 +71,7 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
         num_examples=1,
         base_config=str(REPO / "configs/demo.yaml"),
         method_config_dir=str(REPO / "configs/method/demo"),
+        protocols=["densehybrid", "mask2anomaly"],
     )
     for name in ("comparison.json", "comparison.md", "comparison.png"):
         assert (out / name).is_file(), name
@@ -97,6 +98,12 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
     # every method was tested under one protocol, so the file carries that one card
     card = document["protocol"]
     assert card["pooled"]["fpr95_rule"] == "first_reaching" and card["evaluation_resolution"] == "64x96"
+    # several protocol presets in one compare: each method's own score under each, one table each
+    for record in document["records"]:
+        if record["method"] == record["network"]:
+            assert set(record["protocols"]) == {"densehybrid", "mask2anomaly"}, record["method"]
+    text = (out / "comparison.md").read_text()
+    assert "Protocol preset `densehybrid`" in text and "Protocol preset `mask2anomaly`" in text
     assert Image.open(out / "comparison.png").size[0] > 500
     assert len(records) == len(document["records"])
 
