@@ -85,6 +85,8 @@ class _StageState:
     counts: SplitCounts
     anomaly: dict[str, AnomalyMetrics]
     negatives: NegativeScoreHistogram | None = None
+    #: What the method averaged over at test time (its protocol card line).
+    test_time_augmentation: str = "none"
     #: Per protocol preset: the preset, the class indices it makes void, and its own metrics per
     #: score (``None`` when the default metrics already hold its values).
     protocols: dict[str, tuple[ProtocolPreset, Tensor, dict[str, AnomalyMetrics] | None]] = field(
@@ -273,7 +275,9 @@ class AnomalyEvaluation(L.Callback):
         self._finish("test", trainer, pl_module)
 
     # ------------------------------------------------------------------ accumulation
-    def _create(self, pl_module: L.LightningModule, num_classes: int, names: tuple[str, ...]) -> _StageState:
+    def _create(
+        self, pl_module: L.LightningModule, num_classes: int, names: tuple[str, ...], stage: str = "test"
+    ) -> _StageState:
         if not names:
             raise ValueError("AnomalyEvaluation: the method returned no anomaly scores")
         ignore_index = int(getattr(pl_module, "ignore_index", IGNORE_INDEX))
@@ -296,6 +300,7 @@ class AnomalyEvaluation(L.Callback):
                 else None
             ),
             protocols=self._create_protocols(pl_module, num_classes, names, anomaly_index, ignore_index),
+            test_time_augmentation=_tta_text(pl_module) if stage == "test" else "none",
         )
 
     def _create_protocols(
@@ -332,7 +337,7 @@ class AnomalyEvaluation(L.Callback):
         names = tuple(scores)
         state = self._states.get(stage)
         if state is None:
-            state = self._states[stage] = self._create(pl_module, int(logits.shape[1]), names)
+            state = self._states[stage] = self._create(pl_module, int(logits.shape[1]), names, stage)
         elif names != state.score_names:
             raise ValueError(f"the method's score names changed within an epoch: {state.score_names} then {names}")
 
@@ -433,7 +438,7 @@ class AnomalyEvaluation(L.Callback):
             "threshold95": threshold,
             "scores": anomaly,
             "false_positives_at_threshold95": breakdown,
-            "protocol": _protocol_card_of(trainer, class_names),
+            "protocol": _protocol_card_of(trainer, class_names, state.test_time_augmentation),
             "protocols": protocols,
         }
         self.curves[stage] = curves
@@ -444,6 +449,7 @@ class AnomalyEvaluation(L.Callback):
         """Each preset's card and, per score, its AUPR, AUROC and FPR95 (a collective under DDP)."""
         results = {}
         names = state.score_names if self.protocol_scores == "all" else state.score_names[:1]
+        applied_tta = state.test_time_augmentation
         for name, (preset, _, own) in state.protocols.items():
             scores = {}
             for score in own if own is not None else names:
@@ -452,7 +458,7 @@ class AnomalyEvaluation(L.Callback):
                 images = "num_images_per_image" if preset.aggregation == "per_image" else None
                 scores[score]["num_images"] = values[images] if images else None
                 scores[score]["anomaly_fraction"] = values["anomaly_fraction"]
-            results[name] = {"card": preset.card(), "scores": scores}
+            results[name] = {"card": preset.card(applied_tta), "scores": scores}
         return results
 
     def _write_metrics(self, trainer: L.Trainer, output_dir: Path, results: dict[str, Any]) -> None:
@@ -487,7 +493,12 @@ class AnomalyEvaluation(L.Callback):
         rank_zero_info(f"AnomalyEvaluation: wrote {path}")
 
 
-def _protocol_card_of(trainer: L.Trainer, class_names: Sequence[str]) -> dict[str, Any]:
+def _tta_text(pl_module: L.LightningModule) -> str:
+    tta = getattr(pl_module, "tta", None)
+    return tta.describe() if tta is not None and hasattr(tta, "describe") else "none"
+
+
+def _protocol_card_of(trainer: L.Trainer, class_names: Sequence[str], tta: str = "none") -> dict[str, Any]:
     """The run's protocol card (:func:`callbacks.protocol.protocol_card`) from its datamodule's settings."""
     datamodule = getattr(trainer, "datamodule", None)
     if datamodule is not None and hasattr(datamodule, "test_image_size"):
@@ -498,6 +509,7 @@ def _protocol_card_of(trainer: L.Trainer, class_names: Sequence[str]) -> dict[st
         class_names,
         ignore_unlabeled=getattr(datamodule, "ignore_unlabeled", None),
         test_image_size=size,
+        test_time_augmentation=tta,
     )
 
 

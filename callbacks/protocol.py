@@ -125,8 +125,9 @@ class ProtocolPreset:
         void_classes: known classes left out of the evaluation (neither anomaly nor negative).
         images: ``"all"`` or ``"with_anomalies"`` (only images with at least one anomaly pixel; a
             per-image mean always uses only those).
-        test_time_augmentation: what the source averages at test time; this tool does not apply it
-            yet, so a preset that needs it is reproduced without it (its card says so).
+        test_time_augmentation: what the source averages at test time. The views a run averages
+            over are the model's ``test_time_augmentation`` option, not the preset's; the card
+            says whether the run had any (``reproduced``).
     """
 
     name: str
@@ -174,6 +175,9 @@ class ProtocolPreset:
                 "fully"
                 if self.test_time_augmentation == "none"
                 else f"without the source's test-time augmentation ({self.test_time_augmentation})"
+                if applied_tta == "none"
+                else f"with this run's test-time augmentation for the source's ({self.test_time_augmentation}); "
+                "scores are averaged, not the softmax"
             ),
         }
 

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
 from lightning_modules.scoring.baselines import baseline_scores
+from lightning_modules.scoring.test_time_augmentation import TestTimeAugmentation, TTAOptions
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ class AnomalySegmentationModule(L.LightningModule):
         ignore_index: int = IGNORE_INDEX,
         anomaly_index: int = ANOMALY_INDEX,
         energy_temperature: float = 1.0,
+        test_time_augmentation: TTAOptions | None = None,
     ) -> None:
         """Training options shared by every method.
 
@@ -132,6 +134,10 @@ class AnomalySegmentationModule(L.LightningModule):
             energy_temperature: ``T`` of the energy baseline ``-T logsumexp(logits / T)``, for the
                 methods that compute their baselines with :meth:`baseline_scores`; recorded in
                 :meth:`scoring_options`.
+            test_time_augmentation: ``{scales: [...], flip: bool}``: ``test`` and ``predict``
+                average the logits and every score over these views of each image
+                (:class:`~lightning_modules.scoring.test_time_augmentation.TestTimeAugmentation`;
+                default: none). Recorded in ``scoring_options`` and in the protocol card.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -146,6 +152,7 @@ class AnomalySegmentationModule(L.LightningModule):
             raise ValueError(f"model.energy_temperature must be a finite number > 0, got {energy_temperature!r}")
         self.num_classes = num_classes
         self.energy_temperature = float(energy_temperature)
+        self.tta = TestTimeAugmentation.from_options(test_time_augmentation)
         self.ignore_index = ignore_index
         self.anomaly_index = anomaly_index
         self.register_buffer("class_weights", torch.ones(num_classes))
@@ -161,7 +168,7 @@ class AnomalySegmentationModule(L.LightningModule):
 
     def scoring_options(self) -> dict[str, Any]:
         """Options that shape the scores (e.g. SML's post-processing), recorded in ``metrics.json``."""
-        return {"energy_temperature": self.energy_temperature}
+        return {"energy_temperature": self.energy_temperature, "test_time_augmentation": self.tta.describe()}
 
     def baseline_scores(self, logits: Tensor) -> dict[str, Tensor]:
         """The logit baselines (MSP, MaxLogit, entropy, energy at ``energy_temperature``) of ``logits``."""
@@ -212,18 +219,18 @@ class AnomalySegmentationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- evaluation steps
-    def _evaluation_step(self, batch: Mapping[str, Tensor]) -> dict[str, object]:
-        output = self.segment(batch["image"])
+    def _evaluation_step(self, batch: Mapping[str, Tensor], augment: bool = False) -> dict[str, object]:
+        output = self.tta(self.segment, batch["image"]) if augment else self.segment(batch["image"])
         return {"logits": output.logits, "scores": output.scores}
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, object]:
-        return self._evaluation_step(batch)
+        return self._evaluation_step(batch)  # validation stays a single view: it runs every epoch
 
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, object]:
-        return self._evaluation_step(batch)
+        return self._evaluation_step(batch, augment=True)
 
     def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, object]:
-        out = self._evaluation_step(batch)
+        out = self._evaluation_step(batch, augment=True)
         out.update({k: v for k, v in batch.items() if k not in ("image",)})
         return out
 

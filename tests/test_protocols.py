@@ -156,3 +156,21 @@ def test_custom_preset_and_ignore_unlabeled_classes() -> None:
     # under data.ignore_unlabeled 'unlabeled' is void already: naming it is not an error
     (m2a,) = resolve_presets(["mask2anomaly"], CLASS_NAMES[1:], CLASS_NAMES)
     assert m2a.void_classes == ("unlabeled", "other")
+
+
+def test_the_card_records_the_test_time_augmentation_applied(tmp_path: Path) -> None:
+    from lightning_modules.scoring.test_time_augmentation import TestTimeAugmentation
+
+    scores, masks = _tiny_set()
+    module = _Fixed(scores)
+    module.tta = TestTimeAugmentation(flip=True)
+    batches = [{"image": torch.full((3, 24, 32), float(i)), "mask": torch.from_numpy(masks[i])} for i in range(5)]
+    evaluation = AnomalyEvaluation(output_dir=str(tmp_path), protocols=["reference"], per_class_false_positives=False)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, callbacks=[evaluation], enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.test(module, dataloaders=DataLoader(batches, batch_size=2), verbose=False)
+    document = json.loads((tmp_path / "metrics.json").read_text())
+    assert document["protocol"]["test_time_augmentation"].startswith("mean over 2 views")
+    card = document["protocols"]["reference"]["card"]
+    assert card["test_time_augmentation_applied"].startswith("mean over 2 views")
