@@ -54,6 +54,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from callbacks.guards import NonFiniteLossError
+    from callbacks.protocol import ProtocolError
     from datamodules.download import DownloadError
     from datamodules.injection import OutlierSourceError
     from datamodules.streethazards import StreetHazardsDataError
@@ -69,6 +70,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         MisconfigurationException,
         DownloadError,
         OutlierSourceError,
+        ProtocolError,
     )
 
 

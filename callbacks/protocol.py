@@ -21,7 +21,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["AP_DEFINITION", "FPR95_RULES", "PRESETS", "ProtocolPreset", "protocol_card", "resolve_presets"]
+__all__ = [
+    "AP_DEFINITION",
+    "FPR95_RULES",
+    "PRESETS",
+    "ProtocolError",
+    "ProtocolPreset",
+    "protocol_card",
+    "resolve_presets",
+]
+
+
+class ProtocolError(ValueError):
+    """A protocol preset names something unknown (preset, rule, field or class); one-line message."""
 
 #: How AP is computed, for both aggregations: the step-wise sum over thresholds (no interpolation).
 AP_DEFINITION = (
@@ -145,7 +157,7 @@ class ProtocolPreset:
             ("images", self.images, _IMAGES),
         ):
             if value not in allowed:
-                raise ValueError(f"protocol '{self.name}': unknown {option} '{value}'; expected one of {allowed}")
+                raise ProtocolError(f"protocol '{self.name}': unknown {option} '{value}'; expected one of {allowed}")
         object.__setattr__(self, "void_classes", tuple(self.void_classes))
 
     @property
@@ -159,7 +171,7 @@ class ProtocolPreset:
     def check(self) -> None:
         """Reject combinations the metric library does not compute."""
         if self.aggregation == "pooled" and self.fpr95_rule != "first_reaching":
-            raise ValueError(
+            raise ProtocolError(
                 f"protocol '{self.name}': pooled metrics use the first_reaching FPR95 rule only, "
                 f"got '{self.fpr95_rule}'"
             )
@@ -230,26 +242,26 @@ def resolve_presets(
     for item in protocols:
         if isinstance(item, str):
             if item not in PRESETS:
-                raise ValueError(f"unknown protocol preset '{item}'; known: {', '.join(PRESETS)}")
+                raise ProtocolError(f"unknown protocol preset '{item}'; known: {', '.join(PRESETS)}")
             preset = PRESETS[item]
         else:
             unknown = set(item) - allowed
             if unknown:
-                raise ValueError(
+                raise ProtocolError(
                     f"protocol {dict(item)}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
                 )
             if "name" not in item:
-                raise ValueError(f"protocol {dict(item)}: a custom protocol needs a 'name'")
+                raise ProtocolError(f"protocol {dict(item)}: a custom protocol needs a 'name'")
             defaults = {"source": "user-defined", "aggregation": "pooled", "fpr95_rule": "first_reaching"}
             preset = ProtocolPreset(**{**defaults, **item})
         preset.check()
         missing = [c for c in preset.void_classes if c not in known]
         if missing:
-            raise ValueError(
+            raise ProtocolError(
                 f"protocol '{preset.name}': unknown void class(es) {missing}; classes: {', '.join(class_names)}"
             )
         presets.append(preset)
     names = [p.name for p in presets]
     if len(set(names)) != len(names):
-        raise ValueError(f"protocol names must be unique, got {names}")
+        raise ProtocolError(f"protocol names must be unique, got {names}")
     return presets
