@@ -54,7 +54,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from callbacks.guards import NonFiniteLossError
-    from callbacks.protocol import ProtocolError
+    from callbacks.protocol import EvaluationOptionError
     from datamodules.download import DownloadError
     from datamodules.injection import OutlierSourceError
     from datamodules.streethazards import StreetHazardsDataError
@@ -70,7 +70,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         MisconfigurationException,
         DownloadError,
         OutlierSourceError,
-        ProtocolError,
+        EvaluationOptionError,
     )
 
 

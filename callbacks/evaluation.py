@@ -32,8 +32,9 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from callbacks.metrics import AnomalyMetrics, NegativeScoreHistogram, SegmentationMetrics, SplitCounts
+from callbacks.metrics.anomaly import check_num_bits
 from callbacks.metrics.functional import BinLayout, false_positive_breakdown
-from callbacks.protocol import ProtocolPreset, protocol_card, resolve_presets
+from callbacks.protocol import EvaluationOptionError, ProtocolPreset, protocol_card, resolve_presets
 from datamodules.io import atomic_write_json
 from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IGNORE_INDEX
 
@@ -160,6 +161,9 @@ class AnomalyEvaluation(L.Callback):
             void classes, or pooled over images with anomalies only, keeps its own histograms
             (68 MiB per score).
         protocol_scores: ``'primary'`` (the method's own score) or ``'all'`` scores under the presets.
+        num_bits: ``log2`` of each pooled histogram's sub-bin budget (16..28; state
+            ``2**(num_bits + 4)`` bytes per score and protocol, 64 MiB at the default 22). Every
+            result carries its error bounds; fewer bits suit small test sets.
 
     After an epoch, :attr:`results` holds the values per stage (``"validate"``, ``"test"``),
     :attr:`curves` the PR/ROC curves and TensorBoard PR-curve counts per stage and score (global
@@ -181,8 +185,13 @@ class AnomalyEvaluation(L.Callback):
         curve_points: int = 1000,
         protocols: Sequence[str | dict[str, Any]] = (),
         protocol_scores: str = "primary",
+        num_bits: int = 22,
     ) -> None:
         super().__init__()
+        try:
+            self.num_bits = check_num_bits(num_bits)
+        except ValueError as error:
+            raise EvaluationOptionError(f"evaluation.{error}") from None
         # Unknown presets, rules or classes fail here, before any training; the class set is
         # checked again against the run's classes at the first batch.
         self.protocols = list(protocols)
@@ -291,7 +300,9 @@ class AnomalyEvaluation(L.Callback):
             ),
             counts=SplitCounts(ignore_index, anomaly_index).to(device),
             anomaly={
-                name: AnomalyMetrics(anomaly_index=anomaly_index, ignore_index=ignore_index).to(device)
+                name: AnomalyMetrics(anomaly_index=anomaly_index, ignore_index=ignore_index, num_bits=self.num_bits).to(
+                    device
+                )
                 for name in names
             },
             negatives=(
@@ -320,7 +331,9 @@ class AnomalyEvaluation(L.Callback):
             own = bool(void) or (preset.aggregation == "pooled" and preset.images == "with_anomalies")
             metrics = (
                 {
-                    score: AnomalyMetrics(anomaly_index=anomaly_index, ignore_index=ignore_index).to(pl_module.device)
+                    score: AnomalyMetrics(
+                        anomaly_index=anomaly_index, ignore_index=ignore_index, num_bits=self.num_bits
+                    ).to(pl_module.device)
                     for score in scores
                 }
                 if own

@@ -25,15 +25,16 @@ __all__ = [
     "AP_DEFINITION",
     "FPR95_RULES",
     "PRESETS",
-    "ProtocolError",
+    "EvaluationOptionError",
     "ProtocolPreset",
     "protocol_card",
     "resolve_presets",
 ]
 
 
-class ProtocolError(ValueError):
-    """A protocol preset names something unknown (preset, rule, field or class); one-line message."""
+class EvaluationOptionError(ValueError):
+    """An evaluation option is wrong (a preset naming an unknown preset, rule, field or class; a
+    histogram size out of range); the message is one line that names the option."""
 
 #: How AP is computed, for both aggregations: the step-wise sum over thresholds (no interpolation).
 AP_DEFINITION = (
@@ -157,7 +158,9 @@ class ProtocolPreset:
             ("images", self.images, _IMAGES),
         ):
             if value not in allowed:
-                raise ProtocolError(f"protocol '{self.name}': unknown {option} '{value}'; expected one of {allowed}")
+                raise EvaluationOptionError(
+                    f"protocol '{self.name}': unknown {option} '{value}'; expected one of {allowed}"
+                )
         object.__setattr__(self, "void_classes", tuple(self.void_classes))
 
     @property
@@ -171,7 +174,7 @@ class ProtocolPreset:
     def check(self) -> None:
         """Reject combinations the metric library does not compute."""
         if self.aggregation == "pooled" and self.fpr95_rule != "first_reaching":
-            raise ProtocolError(
+            raise EvaluationOptionError(
                 f"protocol '{self.name}': pooled metrics use the first_reaching FPR95 rule only, "
                 f"got '{self.fpr95_rule}'"
             )
@@ -242,26 +245,26 @@ def resolve_presets(
     for item in protocols:
         if isinstance(item, str):
             if item not in PRESETS:
-                raise ProtocolError(f"unknown protocol preset '{item}'; known: {', '.join(PRESETS)}")
+                raise EvaluationOptionError(f"unknown protocol preset '{item}'; known: {', '.join(PRESETS)}")
             preset = PRESETS[item]
         else:
             unknown = set(item) - allowed
             if unknown:
-                raise ProtocolError(
+                raise EvaluationOptionError(
                     f"protocol {dict(item)}: unknown field(s) {sorted(unknown)}; allowed: {sorted(allowed)}"
                 )
             if "name" not in item:
-                raise ProtocolError(f"protocol {dict(item)}: a custom protocol needs a 'name'")
+                raise EvaluationOptionError(f"protocol {dict(item)}: a custom protocol needs a 'name'")
             defaults = {"source": "user-defined", "aggregation": "pooled", "fpr95_rule": "first_reaching"}
             preset = ProtocolPreset(**{**defaults, **item})
         preset.check()
         missing = [c for c in preset.void_classes if c not in known]
         if missing:
-            raise ProtocolError(
+            raise EvaluationOptionError(
                 f"protocol '{preset.name}': unknown void class(es) {missing}; classes: {', '.join(class_names)}"
             )
         presets.append(preset)
     names = [p.name for p in presets]
     if len(set(names)) != len(names):
-        raise ProtocolError(f"protocol names must be unique, got {names}")
+        raise EvaluationOptionError(f"protocol names must be unique, got {names}")
     return presets

@@ -95,6 +95,7 @@ def test_mixed_precision_check_runs_on_cpu(tmp_path: Path, capsys: pytest.Captur
         "--data.num_workers=0",
         "--trainer.limit_train_batches=1",
         "--trainer.limit_val_batches=1",
+        "--evaluation.num_bits=16",
     ]
     argv = ["--device=cpu", f"--data-root={tmp_path / 'data'}", "--image-size", "64", "96"]
     argv += ["--synthetic-counts", "8", "2", "4", "--epochs=1", "--seed-runs=1", "--threads=1"]

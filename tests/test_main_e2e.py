@@ -62,6 +62,7 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
         "--trainer.limit_val_batches=1",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
+        "--evaluation.num_bits=16",
     ]
     out = tmp_path / "compare"
     # The defaults of configs/compare.yaml: every registered method, networks shared as registered.

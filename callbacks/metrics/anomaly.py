@@ -58,7 +58,7 @@ from callbacks.metrics.functional.per_image import (
 )
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX
 
-__all__ = ["AnomalyMetrics"]
+__all__ = ["AnomalyMetrics", "check_num_bits"]
 
 #: Bounds above this get a warning from ``compute()``: the promised accuracy is 1e-4.
 BOUND_WARNING = 1e-4
@@ -92,6 +92,17 @@ class _Bins(NamedTuple):
     pos: Tensor  # int64 positives per bin
     exact: Tensor  # bool: the bin holds one distinct score
     lower_key: Tensor  # int64 key of the smallest score seen in the bin's range (a threshold)
+
+
+def check_num_bits(num_bits: Any) -> int:
+    """``num_bits`` as an int if it is a valid histogram size (see :class:`AnomalyMetrics`), else ValueError."""
+    low, high = _NUM_BITS_RANGE
+    if isinstance(num_bits, bool) or not isinstance(num_bits, (int, np.integer)) or not low <= num_bits <= high:
+        raise ValueError(
+            f"num_bits (log2 of the histogram's sub-bin budget) must be an integer in {low}..{high}, got "
+            f"{num_bits!r}; at least 2**16 sub-bins are needed so that every coarse bin can hold one"
+        )
+    return int(num_bits)
 
 
 class AnomalyMetrics(Metric):
@@ -231,15 +242,9 @@ class AnomalyMetrics(Metric):
         super().__init__(**kwargs)
         if anomaly_index == ignore_index:
             raise ValueError(f"anomaly_index and ignore_index must differ, both are {anomaly_index}")
-        low, high = _NUM_BITS_RANGE
-        if isinstance(num_bits, bool) or not isinstance(num_bits, (int, np.integer)) or not low <= num_bits <= high:
-            raise ValueError(
-                f"num_bits (log2 of the histogram's sub-bin budget) must be an integer in {low}..{high}, got "
-                f"{num_bits!r}; at least 2**16 sub-bins are needed so that every coarse bin can hold one"
-            )
         self.anomaly_index = int(anomaly_index)
         self.ignore_index = int(ignore_index)
-        self.num_bits = int(num_bits)
+        self.num_bits = check_num_bits(num_bits)
         self.num_bins = 1 << self.num_bits
         # counts[0] negatives, counts[1] positives, per sub-bin (flat position: see coarse_base).
         self.add_state("counts", torch.zeros(2, self.num_bins, dtype=torch.int64), dist_reduce_fx="sum")
@@ -303,7 +308,9 @@ class AnomalyMetrics(Metric):
         new = adaptive_layout(
             *(torch.from_numpy(array).to(device) for array in (plan.shift, plan.offset, plan.size, plan.base))
         )
-        if plan.compacted:
+        if plan.compacted and int(self.used) == 0:
+            self.counts.zero_()  # nothing counted yet (the first batch): nothing to move
+        elif plan.compacted:
             self.counts = rebin_counts(self.counts, old, new)
         else:  # only the bins that outgrew their sub-bins move; new ones start empty
             move_coarse_bins(self.counts, old, new, torch.from_numpy(np.flatnonzero(plan.moved)).to(device))

@@ -177,12 +177,13 @@ def rebin_counts(
     inside = (j >= 0) & (j < old.size[coarse])
     low_start = (old.offset[coarse] + j) << old.shift[coarse].clamp_min(0)
     target = new.base[coarse] + (low_start >> new.shift[coarse].clamp_min(0)) - new.offset[coarse]
-    # Positions outside any sub-bin, or mapped outside the new layout, must be empty: dropped.
+    # Positions outside any sub-bin, or mapped outside the new layout, must be empty: dropped
+    # (their counts zeroed and sent to position 0, which avoids a copy of the whole state).
     inside &= (target >= 0) & (target < num_new)
-    target = torch.where(inside, target, torch.full_like(target, num_new))
-    out = counts.new_zeros(*counts.shape[:-1], num_new + 1)
-    out.index_add_(out.dim() - 1, target, values)
-    return out[..., :num_new].contiguous()
+    target = torch.where(inside, target, torch.zeros_like(target))
+    out = counts.new_zeros(*counts.shape[:-1], num_new)
+    out.index_add_(out.dim() - 1, target, torch.where(inside, values, torch.zeros_like(values)))
+    return out
 
 
 def _coarse_of_positions(layout: HistogramLayout, position: Tensor, num_positions: int) -> Tensor:
