@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Collection, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from lightning_modules.checkpoints import (
     AtomicCheckpointIO,
     check_checkpoint_class,
     check_checkpoint_matches,
+    initial_weights_from,
     read_checkpoint,
     resolve_ckpt_path,
     upgrade_hyperparameters,
@@ -113,10 +115,23 @@ class AnomalyCLI(LightningCLI):
             check_checkpoint_class(ckpt_path, model.get("class_path") if isinstance(model, Namespace) else None)
 
     def _parse_ckpt_path(self) -> None:
-        """Take the model's options from a checkpoint file, upgraded if an older version wrote it."""
+        """Take the model's options from a checkpoint file, upgraded if an older version wrote it.
+
+        ``--ckpt_path last`` is resolved to its file first (Lightning itself would resolve it only
+        after building the model from the config), so ``test``, ``predict`` and a resumed ``fit``
+        take the model's options from the checkpoint too.
+        """
         if not self.config.get("subcommand"):
             return
-        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        config = self.config[self.config.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":
+            directory = _checkpoint_dir_of(config)
+            if directory is not None:
+                ckpt_path = config.ckpt_path = resolve_ckpt_path("last", directory)
+                if ckpt_path is not None:
+                    model = config.get("model")
+                    check_checkpoint_class(ckpt_path, model.get("class_path") if isinstance(model, Namespace) else None)
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         hparams = dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
@@ -152,8 +167,13 @@ class AnomalyCLI(LightningCLI):
             )
 
     def instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt_path = config.get("ckpt_path")
+        # The checkpoint's weights replace pretrained and init_checkpoint weights: do not load them.
+        replaced = initial_weights_from(ckpt_path) if ckpt_path and Path(ckpt_path).is_file() else nullcontext()
         try:
-            super().instantiate_classes()
+            with replaced:
+                super().instantiate_classes()
         except ValueError as error:
             # jsonargparse wraps what a constructor raised ("Does not validate against any of the
             # Union subtypes ..."); the constructor's own message says what is wrong.
@@ -181,6 +201,29 @@ class AnomalyCLI(LightningCLI):
                 check_checkpoint_matches(config["ckpt_path"], self.model)
 
     before_fit = before_validate = before_test = before_predict = _resolve_ckpt_path
+
+
+def _checkpoint_dir_of(config: Namespace) -> Path | None:
+    """Where a run of ``config`` keeps its checkpoints, as ModelCheckpoint will resolve it (``None``
+    when the logger is one whose folder is not known before it is built)."""
+    checkpoint = config.get("checkpoint")
+    if isinstance(checkpoint, Namespace) and checkpoint.get("dirpath"):
+        return Path(checkpoint.dirpath)
+    trainer = config.trainer
+    logger = trainer.get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else False
+    if logger in (None, True):  # the fixed folder before_instantiate_classes gives the default logger
+        class_path = str(config.model.get("class_path", "")) if config.get("model") else ""
+        module_name, _, class_name = class_path.rpartition(".")
+        method = getattr(getattr(sys.modules.get(module_name), class_name, None), "method_name", "default")
+        return Path(trainer.get("default_root_dir") or "outputs") / method / "run" / "checkpoints"
+    if isinstance(logger, Namespace) and isinstance(logger.get("init_args"), Namespace):
+        args = logger.init_args
+        version = args.get("version")
+        if args.get("save_dir") and isinstance(version, str):
+            return Path(args.save_dir) / (args.get("name") or "lightning_logs") / version / "checkpoints"
+    return None
 
 
 def _with_method_names(args: Sequence[str]) -> list[str]:

@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,29 @@ def load_checkpoint_file(path: str | os.PathLike[str], map_location: Any = "cpu"
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint '{path}' is not a Lightning checkpoint (no 'state_dict')")
     return checkpoint
+
+
+_WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "weights_from_checkpoint", default=None
+)
+
+
+@contextmanager
+def initial_weights_from(checkpoint: str | os.PathLike[str]) -> Iterator[None]:
+    """Within the block, models built skip their initial weights: pretrained encoder weights are
+    not downloaded or read and ``init_checkpoint`` is not loaded, because ``checkpoint``'s state
+    replaces them (``test``/``predict``/resumed ``fit`` with ``--ckpt_path``; an offline compute
+    node must not need the internet or the training machine's files for them)."""
+    token = _WEIGHTS_FROM_CHECKPOINT.set(str(checkpoint))
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
+
+
+def initial_weights_replaced_by() -> str | None:
+    """The checkpoint whose state will replace a model's initial weights (see :func:`initial_weights_from`)."""
+    return _WEIGHTS_FROM_CHECKPOINT.get()
 
 
 def load_network_weights(

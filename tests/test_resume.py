@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -259,3 +260,36 @@ def test_default_logger_has_a_fixed_folder(data_root: Path, tmp_path: Path) -> N
     assert Path(configured.trainer.logger.log_dir) == Path("outputs/demo/fre/run")
 
 
+
+
+# --------------------------------------------------------------------------------------- offline
+def test_ckpt_path_last_takes_the_checkpoints_options_and_never_downloads(
+    data_root: Path, trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """The real-data configs (ResNet-50, ImageNet weights) with ``--ckpt_path last`` on a machine
+    without internet: the checkpoint (a ResNet-18 here, trained from ImageNet weights and an
+    init_checkpoint that only existed on the training machine) decides the network, and neither
+    the ImageNet weights nor the init_checkpoint are fetched, since its state replaces them."""
+    checkpoint = load(trained["last"])
+    checkpoint["hyper_parameters"]["encoder_weights"] = "imagenet"
+    checkpoint["hyper_parameters"]["init_checkpoint"] = "/training-machine/segmenter.ckpt"
+    folder = tmp_path / "out" / "sml" / "run" / "checkpoints"  # the real config's fixed run folder
+    folder.mkdir(parents=True)
+    torch.save(checkpoint, folder / "last.ckpt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home"), "OMP_NUM_THREADS": "1"}
+    real = ["--config=configs/streethazards.yaml", "--config=configs/method/sml.yaml"]
+    small = [f"--data.root={data_root}", "--data.num_workers=0", "--data.eval_batch_size=2"]
+    small += ["--trainer.enable_progress_bar=false", "--evaluation.num_bits=16"]
+    images = tmp_path / "images"
+    images.mkdir()
+    for frame in sorted((data_root / "test").rglob("*.png"))[:2]:
+        shutil.copy(frame, images / f"{frame.parent.name}-{frame.name}")
+    for subcommand in ("test", "predict"):
+        extra = [f"--data.predict_dir={images}"] if subcommand == "predict" else []
+        command = [sys.executable, "main.py", subcommand, *real, *small, *extra, "--ckpt_path=last"]
+        command.append(f"--trainer.default_root_dir={tmp_path / 'out'}")
+        run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "could not load pretrained weights" not in run.stderr
+    metrics = json.loads((tmp_path / "out" / "sml" / "run" / "metrics.json").read_text())
+    assert metrics["num_images"] == 7 and metrics["checkpoint"] == str(folder / "last.ckpt")

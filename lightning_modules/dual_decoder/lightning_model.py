@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.base import AnomalySegmentationModule, MethodOutput
-from lightning_modules.checkpoints import load_network_weights
+from lightning_modules.checkpoints import initial_weights_replaced_by, load_network_weights
 from lightning_modules.dual_decoder.functional import (
     accumulate_embedding_sums,
     accumulate_semantic_stats,
@@ -86,7 +86,7 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
         super().__init__(**base_kwargs)
         k = self.num_classes
         self.net = DualDecoderNet(k, embedding_dim, encoder_name, encoder_weights)
-        if init_checkpoint is not None:
+        if init_checkpoint is not None and initial_weights_replaced_by() is None:
             self.load_network_weights(init_checkpoint)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)

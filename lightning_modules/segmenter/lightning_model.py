@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.base import AnomalySegmentationModule, MethodOutput
-from lightning_modules.checkpoints import load_network_weights
+from lightning_modules.checkpoints import initial_weights_replaced_by, load_network_weights
 from lightning_modules.segmenter.torch_model import DeepLabV3Plus
 
 
@@ -44,7 +44,7 @@ class DeepLabV3PlusSegmenter(AnomalySegmentationModule):
     ) -> None:
         super().__init__(**base_kwargs)
         self.net = DeepLabV3Plus(self.num_classes, encoder_name, encoder_weights, output_stride)
-        if init_checkpoint is not None:
+        if init_checkpoint is not None and initial_weights_replaced_by() is None:
             self.load_network_weights(init_checkpoint)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)

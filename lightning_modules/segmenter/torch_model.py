@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_modules.checkpoints import initial_weights_replaced_by
+
 log = logging.getLogger(__name__)
 
 #: smp's DeepLabV3+ needs input sides divisible by this (output stride 16 and a 1/4 skip).
@@ -51,7 +53,13 @@ def build_encoder(name: str, weights: str | None, output_stride: int = 32, depth
 
     Downloads go through the Hugging Face hub cache. Offline, a missing download becomes a
     :class:`PretrainedWeightsError` that says how to proceed instead of a network traceback.
+    Inside :func:`~lightning_modules.checkpoints.initial_weights_from` no weights are loaded: a
+    checkpoint's state replaces them.
     """
+    replaced_by = initial_weights_replaced_by()
+    if weights is not None and replaced_by is not None:
+        log.info("encoder weights '%s' not loaded: the weights come from %s", weights, replaced_by)
+        weights = None
     if weights is not None and (os.sep in weights or Path(weights).suffix in (".pth", ".pt", ".safetensors")):
         path = Path(weights).expanduser()
         if not path.is_file():
