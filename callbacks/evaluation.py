@@ -37,6 +37,7 @@ from callbacks.metrics.functional import BinLayout, false_positive_breakdown
 from callbacks.protocol import EvaluationOptionError, ProtocolPreset, protocol_card, resolve_presets
 from datamodules.io import atomic_write_json
 from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IGNORE_INDEX
+from lightning_modules.scoring.test_time_augmentation import TestTimeAugmentation, TTAOptions
 
 __all__ = [
     "AnomalyEvaluation",
@@ -164,6 +165,12 @@ class AnomalyEvaluation(L.Callback):
         num_bits: ``log2`` of each pooled histogram's sub-bin budget (16..28; state
             ``2**(num_bits + 4)`` bytes per score and protocol, 64 MiB at the default 22). Every
             result carries its error bounds; fewer bits suit small test sets.
+        test_time_augmentation: ``{scales: [...], flip: bool}``: ``test`` and ``predict`` average
+            the method's logits and every score over these views of each image
+            (:class:`~lightning_modules.scoring.test_time_augmentation.TestTimeAugmentation`;
+            default: one view). Set on the module when a test or predict run starts, so it also
+            applies to a checkpoint (whose own options win over the command line); recorded in
+            ``scoring_options`` and the protocol card. Validation stays one view.
 
     After an epoch, :attr:`results` holds the values per stage (``"validate"``, ``"test"``),
     :attr:`curves` the PR/ROC curves and TensorBoard PR-curve counts per stage and score (global
@@ -186,8 +193,13 @@ class AnomalyEvaluation(L.Callback):
         protocols: Sequence[str | dict[str, Any]] = (),
         protocol_scores: str = "primary",
         num_bits: int = 22,
+        test_time_augmentation: TTAOptions | None = None,
     ) -> None:
         super().__init__()
+        try:
+            self.test_time_augmentation = TestTimeAugmentation.from_options(test_time_augmentation)
+        except ValueError as error:
+            raise EvaluationOptionError(str(error)) from None
         try:
             self.num_bits = check_num_bits(num_bits)
         except ValueError as error:
@@ -239,6 +251,12 @@ class AnomalyEvaluation(L.Callback):
                 message=rf"It is recommended to use `self\.log\('(val|test)/([^/']+/)?({keys})'",
                 category=PossibleUserWarning,
             )
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.tta = self.test_time_augmentation
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.tta = self.test_time_augmentation
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

@@ -139,7 +139,7 @@ class ProtocolPreset:
         images: ``"all"`` or ``"with_anomalies"`` (only images with at least one anomaly pixel; a
             per-image mean always uses only those).
         test_time_augmentation: what the source averages at test time. The views a run averages
-            over are the model's ``test_time_augmentation`` option, not the preset's; the card
+            over are ``evaluation.test_time_augmentation``, not the preset's; the card
             says whether the run had any (``reproduced``).
     """
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
 from lightning_modules.scoring.baselines import baseline_scores
-from lightning_modules.scoring.test_time_augmentation import TestTimeAugmentation, TTAOptions
+from lightning_modules.scoring.test_time_augmentation import TestTimeAugmentation
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,6 @@ class AnomalySegmentationModule(L.LightningModule):
         ignore_index: int = IGNORE_INDEX,
         anomaly_index: int = ANOMALY_INDEX,
         energy_temperature: float = 1.0,
-        test_time_augmentation: TTAOptions | None = None,
     ) -> None:
         """Training options shared by every method.
 
@@ -134,10 +133,6 @@ class AnomalySegmentationModule(L.LightningModule):
             energy_temperature: ``T`` of the energy baseline ``-T logsumexp(logits / T)``, for the
                 methods that compute their baselines with :meth:`baseline_scores`; recorded in
                 :meth:`scoring_options`.
-            test_time_augmentation: ``{scales: [...], flip: bool}``: ``test`` and ``predict``
-                average the logits and every score over these views of each image
-                (:class:`~lightning_modules.scoring.test_time_augmentation.TestTimeAugmentation`;
-                default: none). Recorded in ``scoring_options`` and in the protocol card.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -152,7 +147,9 @@ class AnomalySegmentationModule(L.LightningModule):
             raise ValueError(f"model.energy_temperature must be a finite number > 0, got {energy_temperature!r}")
         self.num_classes = num_classes
         self.energy_temperature = float(energy_temperature)
-        self.tta = TestTimeAugmentation.from_options(test_time_augmentation)
+        # The views ``test`` and ``predict`` average over; an evaluation setting, not a model
+        # option (a checkpoint's options win over the command line): AnomalyEvaluation sets it.
+        self.tta = TestTimeAugmentation()
         self.ignore_index = ignore_index
         self.anomaly_index = anomaly_index
         self.register_buffer("class_weights", torch.ones(num_classes))

@@ -159,13 +159,15 @@ def test_custom_preset_and_ignore_unlabeled_classes() -> None:
 
 
 def test_the_card_records_the_test_time_augmentation_applied(tmp_path: Path) -> None:
-    from lightning_modules.scoring.test_time_augmentation import TestTimeAugmentation
-
     scores, masks = _tiny_set()
     module = _Fixed(scores)
-    module.tta = TestTimeAugmentation(flip=True)
     batches = [{"image": torch.full((3, 24, 32), float(i)), "mask": torch.from_numpy(masks[i])} for i in range(5)]
-    evaluation = AnomalyEvaluation(output_dir=str(tmp_path), protocols=["reference"], per_class_false_positives=False)
+    evaluation = AnomalyEvaluation(
+        output_dir=str(tmp_path),
+        protocols=["reference"],
+        per_class_false_positives=False,
+        test_time_augmentation={"flip": True},
+    )
     trainer = L.Trainer(
         accelerator="cpu", logger=False, callbacks=[evaluation], enable_progress_bar=False, enable_model_summary=False
     )

@@ -36,7 +36,7 @@ def test_sigkill_during_fit_then_resume_reaches_full_step_count(data_root: Path,
     in the middle of a checkpoint write, and at a random moment again. Every kill leaves a
     loadable last.ckpt, each restart continues from it, the last run ends at the full step
     count, and no partial checkpoint is left behind."""
-    out, epochs = tmp_path / "kill", 5  # 15 steps: three kills after 2-3 writes each fit below it
+    out, epochs = tmp_path / "kill", 8  # 24 steps: three kills after 2-4 writes each stay below it
     command = [
         sys.executable, "main.py", "fit", *cli_args(data_root, out),
         f"--trainer.max_epochs={epochs}", "--checkpoint.every_n_train_steps=1", "--ckpt_path=last",

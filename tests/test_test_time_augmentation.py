@@ -55,11 +55,12 @@ def test_identity_is_the_method_itself_and_bad_scales_are_refused() -> None:
         TestTimeAugmentation.from_options({"scale": [1.0]})
 
 
-def test_a_segmenter_tests_with_its_views_and_records_them() -> None:
-    options = {"scales": [1.0, 0.5], "flip": True}
-    model = DeepLabV3PlusSegmenter(
-        num_classes=4, encoder_name="resnet18", encoder_weights=None, test_time_augmentation=options
-    ).eval()
+def test_a_segmenter_tests_with_the_evaluations_views_and_records_them() -> None:
+    from callbacks.evaluation import AnomalyEvaluation
+
+    model = DeepLabV3PlusSegmenter(num_classes=4, encoder_name="resnet18", encoder_weights=None).eval()
+    evaluation = AnomalyEvaluation(test_time_augmentation={"scales": [1.0, 0.5], "flip": True})
+    evaluation.on_test_start(None, model)  # what a test run does before its first batch
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         tested = model.test_step({"image": image}, 0)

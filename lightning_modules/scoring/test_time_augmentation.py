@@ -19,20 +19,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypedDict
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from lightning_modules.base import MethodOutput
-
 __all__ = ["TTAOptions", "TestTimeAugmentation"]
 
 
 class TTAOptions(TypedDict, total=False):
-    """The config block ``model.init_args.test_time_augmentation``; see :class:`TestTimeAugmentation`."""
+    """The config block ``evaluation.test_time_augmentation``; see :class:`TestTimeAugmentation`."""
 
     scales: list[float]
     flip: bool
@@ -48,11 +45,13 @@ class TestTimeAugmentation:
     def __post_init__(self) -> None:
         scales = tuple(self.scales)
         if not scales:
-            raise ValueError("model.test_time_augmentation.scales must name at least one scale")
+            raise ValueError("evaluation.test_time_augmentation.scales must name at least one scale")
         for scale in scales:
             number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
             if not (number and math.isfinite(scale) and scale > 0):
-                raise ValueError(f"model.test_time_augmentation.scales must be positive numbers, got {list(scales)}")
+                raise ValueError(
+                    f"evaluation.test_time_augmentation.scales must be positive numbers, got {list(scales)}"
+                )
         object.__setattr__(self, "scales", tuple(float(s) for s in scales))
         object.__setattr__(self, "flip", bool(self.flip))
 
@@ -62,7 +61,7 @@ class TestTimeAugmentation:
         unknown = set(options) - {"scales", "flip"}
         if unknown:
             raise ValueError(
-                f"model.test_time_augmentation: unknown option(s) {sorted(unknown)}; expected scales, flip"
+                f"evaluation.test_time_augmentation: unknown option(s) {sorted(unknown)}; expected scales, flip"
             )
         return cls(scales=tuple(options.get("scales", (1.0,))), flip=bool(options.get("flip", False)))
 
@@ -87,8 +86,8 @@ class TestTimeAugmentation:
     def views(self) -> list[tuple[float, bool]]:
         return [(scale, mirrored) for scale in self.scales for mirrored in ((False, True) if self.flip else (False,))]
 
-    def __call__(self, segment: Callable[[Tensor], MethodOutput], image: Tensor) -> MethodOutput:
-        """``segment`` averaged over the views of ``image`` ``[B, 3, H, W]``."""
+    def __call__(self, segment: Callable[[Tensor], Any], image: Tensor) -> Any:
+        """``segment`` (a method's: image -> ``MethodOutput``) averaged over the views of ``image`` ``[B, 3, H, W]``."""
         if self.is_identity:
             return segment(image)
         size = tuple(image.shape[-2:])
