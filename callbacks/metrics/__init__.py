@@ -3,12 +3,14 @@
 - :class:`AnomalyMetrics`: pooled and per-image AUPR, AUROC, FPR95 of an anomaly score;
 - :class:`SegmentationMetrics`: closed-set mIoU, per-class IoU and pixel accuracy;
 - :class:`NegativeScoreHistogram`: per-class score histogram of negative pixels (false-positive breakdown);
-- :class:`SplitCounts`: exact image / valid-pixel / anomaly-pixel counts of a split.
+- :class:`SplitCounts`: exact image / valid-pixel / anomaly-pixel counts of a split;
+- :class:`ComponentMetrics`: SegmentMeIfYouCan's component-level sIoU, PPV and F1 at score thresholds.
 """
 
 from callbacks.metrics.anomaly import AnomalyMetrics
+from callbacks.metrics.components import ComponentMetrics
 from callbacks.metrics.negative_histogram import NegativeScoreHistogram
 from callbacks.metrics.segmentation import SegmentationMetrics
 from callbacks.metrics.split_counts import SplitCounts
 
-__all__ = ["AnomalyMetrics", "NegativeScoreHistogram", "SegmentationMetrics", "SplitCounts"]
+__all__ = ["AnomalyMetrics", "ComponentMetrics", "NegativeScoreHistogram", "SegmentationMetrics", "SplitCounts"]
