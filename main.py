@@ -667,9 +667,9 @@ def compare(
 
 def _common_protocol(cards: dict[str, Any]) -> dict[str, Any]:
     """The protocol card every method's results share, or every card when they differ."""
-    distinct = [card for i, card in enumerate(cards.values()) if card not in list(cards.values())[:i]]
-    if len(distinct) == 1:
-        return distinct[0]
+    values = list(cards.values())
+    if values and all(card == values[0] for card in values):
+        return values[0]
     return {"differs_between_methods": cards}
 
 

@@ -85,17 +85,20 @@ def image_components(
     sizes = table.sum(axis=0)  # predicted component sizes in the region (column 0: unpredicted)
     on_background = table[truth_ids == 0].sum(axis=0)  # predicted pixels on no anomaly
 
-    siou = np.empty(len(gt_rows))
-    for n, k in enumerate(gt_rows):
-        row = table[k, pred_cols]
-        touching = row > 0
-        intersection = row.sum()
-        union_of_touching = sizes[pred_cols][touching].sum()
-        on_other_anomalies = (sizes[pred_cols] - on_background[pred_cols] - row)[touching].sum()
-        union = union_of_touching + table[k].sum() - intersection - on_other_anomalies
-        siou[n] = intersection / union
-    precision = (sizes[pred_cols] - on_background[pred_cols]) / sizes[pred_cols]
-    return siou, precision
+    pred_sizes = sizes[pred_cols]
+    on_anomalies = pred_sizes - on_background[pred_cols]  # each prediction's pixels on any anomaly
+    rows = table[gt_rows][:, pred_cols]  # [anomalies, predictions]
+    touching = rows > 0
+    intersection = rows.sum(axis=1)
+    # |P(k)| + |k| - |k ∩ P(k)| - |P(k) ∩ other anomalies|, with the last term the touching
+    # predictions' pixels on anomalies other than k
+    union = (
+        (touching * pred_sizes).sum(axis=1)
+        + table[gt_rows].sum(axis=1)
+        - intersection
+        - (touching * (on_anomalies - rows)).sum(axis=1)
+    )
+    return intersection / union, on_anomalies / pred_sizes
 
 
 def component_counts(
