@@ -367,8 +367,31 @@ def _records_of(name: str, results: dict[str, Any], extra: dict[str, Any], liste
         under = {name: p["scores"][score] for name, p in results.get("protocols", {}).items() if score in p["scores"]}
         if under:
             record["protocols"] = under
+        operating = results.get("operating_points")
+        if score == primary and operating and operating.get("thresholds"):
+            record["operating_points"] = _operating_summary(operating)
         records.append(record)
     return records
+
+
+def _operating_summary(operating: dict[str, Any]) -> dict[str, Any]:
+    """What ``comparison.json``/``.md`` show of a method's operating points, oracle and size strata."""
+    rows = {name: operating["operating_points"][name] for name in operating["operating_points"]}
+    if operating.get("oracle", {}).get("threshold") is not None:
+        rows["oracle"] = operating["oracle"]
+    keys = ("sIoU_gt", "PPV", "F1_mean", "F1_25", "F1_50", "F1_75")
+    return {
+        "points": {
+            name: {
+                "threshold": row["threshold"],
+                **{k: row["pixels"][k] for k in ("tpr", "fpr", "precision", "f1")},
+                **{k: row["components"].get(k, math.nan) for k in keys},
+            }
+            for name, row in rows.items()
+        },
+        "size_strata": operating.get("size_strata"),
+        "component_settings": operating.get("component_settings"),
+    }
 
 
 @torch.no_grad()
@@ -470,6 +493,82 @@ def format_protocol_tables(records: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
+def format_operating_tables(records: list[dict[str, Any]], galleries: dict[str, list[str]] | None = None) -> str:
+    """Operating points, component metrics and size strata of every method (its own score)."""
+    with_points = [r for r in records if r.get("operating_points")]
+    if not with_points:
+        return ""
+
+    def fmt(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, float) and math.isfinite(value) else "n/a"
+
+    lines = [
+        "\n\nOperating points: `tpr95` and `best_f1` are thresholds fixed on the calibration split (validation "
+        "images with pasted outliers) before the test split is read; `oracle` is the best component F1 among "
+        "the evaluated thresholds on the test split itself (an upper bound, not a result). Pixel rates on test; "
+        "components as SegmentMeIfYouCan counts them (sIoU, PPV, F1 over sIoU 0.25..0.75).\n",
+        "| method | point | threshold | TPR | FPR | precision | F1 | sIoU_gt | PPV | F1_mean | F1_50 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in with_points:
+        for name, row in r["operating_points"]["points"].items():
+            cells = [f"{row['threshold']:.4g}"] + [
+                fmt(row[k]) for k in ("tpr", "fpr", "precision", "f1", "sIoU_gt", "PPV", "F1_mean", "F1_50")
+            ]
+            lines.append(f"| {r['method']} | {name} | " + " | ".join(cells) + " |")
+    strata = [(r["method"], r["operating_points"].get("size_strata")) for r in with_points]
+    strata = [(m, s) for m, s in strata if s]
+    if strata:
+        lines += [
+            "\n\nSize strata: anomaly components by area (share of the image), found = sIoU >= 0.5 at the "
+            "operating point; AUPR of the bin's pixels against all negatives.\n",
+            "| method | area | components | found tpr95 | pixel TPR tpr95 | found best_f1 | pixel TPR best_f1 | AUPR |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for method, stratum in strata:
+            for b in stratum["bins"]:
+                low, high = b["area_fraction"]
+                area = (
+                    f"{100 * low:.2g}%-{100 * high:.2g}%"
+                    if high is not None and math.isfinite(high)
+                    else f">= {100 * low:.2g}%"
+                )
+                cells = [str(b["components"])]
+                for t in range(len(stratum["thresholds"])):
+                    cells += [fmt(b["component_recall"][t]), fmt(b["pixel_tpr"][t])]
+                cells.append(fmt(b["aupr"]))
+                lines.append(f"| {method} | {area} | " + " | ".join(cells) + " |")
+    if galleries:
+        lines.append("\n\nFailure galleries (largest false-positive areas and missed components at `tpr95`):\n")
+        for method, paths in galleries.items():
+            lines.append(f"- {method}: " + ", ".join(f"`{path}`" for path in paths))
+    return "\n".join(lines)
+
+
+def _plot_size_strata(ax: Any, records: list[dict[str, Any]]) -> None:
+    """Share of anomaly components found at ``tpr95`` per size bin, one bar group per bin."""
+    strata = [(r["method"], r["operating_points"]["size_strata"]) for r in records if r.get("operating_points")]
+    strata = [(m, s) for m, s in strata if s and any(b["components"] for b in s["bins"])]
+    if not strata:
+        ax.axis("off")
+        return
+    bins = strata[0][1]["bins"]
+    x = np.arange(len(bins))
+    width = 0.8 / len(strata)
+    for k, (method, stratum) in enumerate(strata):
+        recall = [
+            b["component_recall"][0] if b["component_recall"][0] is not None else math.nan for b in stratum["bins"]
+        ]
+        ax.bar(x - 0.4 + (k + 0.5) * width, recall, width, label=method)
+    labels = []
+    for b in bins:
+        low, high = b["area_fraction"]
+        labels.append(f"<{100 * high:.2g}%" if high is not None and math.isfinite(high) else f">={100 * low:.2g}%")
+    ax.set_xticks(x, [f"{label}\n{b['components']}" for label, b in zip(labels, bins, strict=True)], fontsize=6)
+    ax.set(title="Components found at tpr95 by area", ylabel="component recall (sIoU >= 0.5)", ylim=(0, 1.02))
+    ax.legend(fontsize=6)
+
+
 def plot_comparison(
     records: list[dict[str, Any]], curves: dict[str, dict[str, Any]], examples: dict[str, list[dict]], path: Path
 ) -> None:
@@ -481,7 +580,7 @@ def plot_comparison(
 
     methods = [m for m in examples if examples[m]]
     shown = examples[methods[0]] if methods else []  # every method scores the same test images
-    columns = max(2, len(shown))
+    columns = max(3, len(shown))  # PR, ROC and the size-strata panel on top
     # Curves on top, then the inputs, their ground truth and one row of heatmaps per method; each
     # example image keeps its column, so a method's heatmap sits under the image it scores.
     heights = [1.6] + [1.0] * (2 + len(methods)) if shown else [1.6]
@@ -505,7 +604,8 @@ def plot_comparison(
     roc_ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     pr_ax.legend(fontsize=6)
     roc_ax.legend(fontsize=6)
-    for ax in axes[0, 2:]:
+    _plot_size_strata(axes[0, 2], records)
+    for ax in axes[0, 3:]:
         ax.axis("off")
     for col in range(columns):
         for row in range(1, len(heights)):
@@ -579,9 +679,7 @@ def compare(
         raise FileNotFoundError(f"compare: base_config not found: {base_config}")
     registry = methods_registry()
     if scores_network_of is None:
-        scores_network_of = {
-            n: e.scores_network_of for n, e in registry.items() if n in names and e.scores_network_of
-        }
+        scores_network_of = {n: e.scores_network_of for n, e in registry.items() if n in names and e.scores_network_of}
     if init_from is None:
         init_from = {n: e.init_from for n, e in registry.items() if n in names and e.init_from}
     scores_network_of, init_from = dict(scores_network_of), dict(init_from)
@@ -646,7 +744,12 @@ def compare(
             "protocol": _common_protocol({name: runs[name]["results"].get("protocol") for name in names}),
         },
     )
-    table = format_table(records) + format_protocol_tables(records)
+    galleries = {
+        name: sorted(str(p) for p in (out / name / "run" / "images" / "test" / "gallery").glob("*.png"))
+        for name in names
+    }
+    galleries = {name: paths for name, paths in galleries.items() if paths}
+    table = format_table(records) + format_protocol_tables(records) + format_operating_tables(records, galleries)
     fraction = records[0]["anomaly_fraction"] if records else math.nan
     atomic_write_text(
         out / "comparison.md",
@@ -661,8 +764,6 @@ def compare(
     print(table)
     print(f"compare: wrote {out / 'comparison.json'}, {out / 'comparison.md'}, {out / 'comparison.png'}")
     return records
-
-
 
 
 def _common_protocol(cards: dict[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,8 @@ from torchmetrics import Metric
 from callbacks.metrics import AnomalyMetrics, NegativeScoreHistogram, SegmentationMetrics, SplitCounts
 from callbacks.metrics.anomaly import check_num_bits
 from callbacks.metrics.functional import BinLayout, false_positive_breakdown
+from callbacks.metrics.size_strata import DEFAULT_SIZE_BINS
+from callbacks.operating_points import OPERATING_POINTS, OperatingPointEvaluation
 from callbacks.protocol import EvaluationOptionError, ProtocolPreset, protocol_card, resolve_presets
 from datamodules.io import atomic_write_json
 from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IGNORE_INDEX
@@ -91,9 +93,7 @@ class _StageState:
     test_time_augmentation: str = "none"
     #: Per protocol preset: the preset, the class indices it makes void, and its own metrics per
     #: score (``None`` when the default metrics already hold its values).
-    protocols: dict[str, tuple[ProtocolPreset, Tensor, dict[str, AnomalyMetrics] | None]] = field(
-        default_factory=dict
-    )
+    protocols: dict[str, tuple[ProtocolPreset, Tensor, dict[str, AnomalyMetrics] | None]] = field(default_factory=dict)
 
     @property
     def primary(self) -> str:
@@ -171,6 +171,21 @@ class AnomalyEvaluation(L.Callback):
             default: one view). Set on the module when a test or predict run starts, so it also
             applies to a checkpoint (whose own options win over the command line); recorded in
             ``scoring_options`` and the protocol card. Validation stays one view.
+        operating_points: before the first test batch is scored, fix thresholds on the calibration
+            split (validation images with pasted outliers, ``data.calibration``): 95% TPR and best
+            pixel F1; then report at them on test the pixel TPR/FPR/precision/F1, SegmentMeIfYouCan's
+            component metrics, the size strata and a failure gallery, plus the component metrics
+            at an oracle threshold (:class:`~callbacks.operating_points.OperatingPointEvaluation`;
+            ``metrics.json`` key ``operating_points``).
+        oracle_thresholds: thresholds at evenly spaced calibration recalls evaluated besides the
+            two operating points; the oracle is the best of them on test.
+        min_prediction_size, min_anomaly_size: the component metrics' size filters in pixels at the
+            evaluation resolution; ``None`` scales the benchmark's 500 and 100 (at 720x1280) by area.
+        size_bins: size-bin edges as fractions of the image area, increasing (default 0.05%, 0.2%,
+            0.8%, 3.2%: 461..29491 pixels at 720x1280).
+        gallery_size: images with the largest false-positive area, and largest missed components,
+            kept for the failure gallery (at ``operating_point``).
+        operating_point: the operating point of the gallery: ``tpr95`` or ``best_f1``.
 
     After an epoch, :attr:`results` holds the values per stage (``"validate"``, ``"test"``),
     :attr:`curves` the PR/ROC curves and TensorBoard PR-curve counts per stage and score (global
@@ -194,6 +209,13 @@ class AnomalyEvaluation(L.Callback):
         protocol_scores: str = "primary",
         num_bits: int = 22,
         test_time_augmentation: TTAOptions | None = None,
+        operating_points: bool = True,
+        oracle_thresholds: int = 8,
+        min_prediction_size: int | None = None,
+        min_anomaly_size: int | None = None,
+        size_bins: Sequence[float] = DEFAULT_SIZE_BINS,
+        gallery_size: int = 4,
+        operating_point: str = "tpr95",
     ) -> None:
         super().__init__()
         try:
@@ -211,6 +233,22 @@ class AnomalyEvaluation(L.Callback):
         if protocol_scores not in ("primary", "all"):
             raise ValueError(f"evaluation.protocol_scores must be 'primary' or 'all', got '{protocol_scores}'")
         self.protocol_scores = protocol_scores
+        try:
+            self.operating_points = (
+                OperatingPointEvaluation(
+                    oracle_thresholds,
+                    min_prediction_size,
+                    min_anomaly_size,
+                    size_bins,
+                    gallery_size,
+                    operating_point,
+                    num_bits=self.num_bits,
+                )
+                if operating_points
+                else None
+            )
+        except ValueError as error:
+            raise EvaluationOptionError(f"evaluation.{error}") from None
         self.output_dir = output_dir
         self.per_class_false_positives = per_class_false_positives
         self.false_positive_bits = int(false_positive_bits)
@@ -264,6 +302,10 @@ class AnomalyEvaluation(L.Callback):
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.release("test")
+        # After the module's on_test_start (post-hoc statistics fitted) and before any test batch
+        # is scored: the thresholds are fixed without the test split.
+        if self.operating_points is not None:
+            self.operating_points.calibrate(trainer, pl_module)
 
     def release(self, stage: str) -> None:
         """Free ``stage``'s metric objects ('validate' or 'test'); ``results`` and ``curves`` stay."""
@@ -389,6 +431,11 @@ class AnomalyEvaluation(L.Callback):
                 protocol_mask = torch.where(has_anomaly, protocol_mask, ignore)
             for name, metric in own.items():
                 metric.update(resized[name], protocol_mask)
+        if stage == "test" and self.operating_points is not None:
+            images = batch.get("image")
+            if images is not None and tuple(images.shape[-2:]) != tuple(size):
+                images = resize_to(images, size)
+            self.operating_points.update(resized[state.primary], mask, images, batch.get("name"))
         if state.negatives is not None:
             anomaly_index = state.counts.anomaly_index
             known = (mask >= 0) & (mask < state.num_classes) & (mask != anomaly_index)
@@ -472,6 +519,20 @@ class AnomalyEvaluation(L.Callback):
             "protocol": _protocol_card_of(trainer, class_names, state.test_time_augmentation),
             "protocols": protocols,
         }
+        if stage == "test" and self.operating_points is not None:
+            operating = self.operating_points.compute(trainer)
+            self.results[stage]["operating_points"] = operating
+            self.results[stage]["protocol"]["operating_points"] = _operating_points_card(operating)
+            for name, row in (operating.get("operating_points") or {}).items():
+                for key in ("tpr", "fpr", "precision", "f1"):
+                    log(f"{prefix}/{name}/{key}", row["pixels"][key])
+                for key in ("F1_mean", "sIoU_gt", "PPV"):
+                    log(f"{prefix}/{name}/component_{key}", row["components"][key])
+            strata = operating.get("size_strata")
+            for b, bin_result in enumerate(strata["bins"] if strata else []):
+                log(f"{prefix}/size_bin{b}/aupr", bin_result["aupr"])
+                for t, name in enumerate(OPERATING_POINTS):
+                    log(f"{prefix}/size_bin{b}/{name}/component_recall", bin_result["component_recall"][t])
         self.curves[stage] = curves
         if stage == "test" and output_dir is not None:
             self._write_metrics(trainer, output_dir, self.results[stage])
@@ -518,10 +579,26 @@ class AnomalyEvaluation(L.Callback):
             "false_positives_at_threshold95": results["false_positives_at_threshold95"],
             "protocol": results["protocol"],
             "protocols": results["protocols"],
+            "operating_points": results.get("operating_points"),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
         atomic_write_json(path, document)
         rank_zero_info(f"AnomalyEvaluation: wrote {path}")
+
+
+def _operating_points_card(operating: Mapping[str, Any]) -> str:
+    """The protocol card's line on where the operating thresholds come from."""
+    calibration = operating.get("calibration")
+    if not operating.get("thresholds") or calibration is None:
+        return "none (no calibration split)"
+    split = calibration.get("split") or {}
+    outliers = split.get("outliers", {})
+    return (
+        "thresholds fixed before the test split on the calibration split: the "
+        f"{split.get('images', 'validation split')} with {outliers.get('source', '?')} outliers pasted "
+        f"(probability {outliers.get('probability', '?')}, seed {split.get('seed', '?')}); 95% TPR and best pixel "
+        "F1 there; the oracle row is chosen on the test split"
+    )
 
 
 def _tta_text(pl_module: L.LightningModule) -> str:

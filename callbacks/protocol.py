@@ -36,6 +36,7 @@ class EvaluationOptionError(ValueError):
     """An evaluation option is wrong (a preset naming an unknown preset, rule, field or class; a
     histogram size out of range); the message is one line that names the option."""
 
+
 #: How AP is computed, for both aggregations: the step-wise sum over thresholds (no interpolation).
 AP_DEFINITION = (
     "average precision sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds "

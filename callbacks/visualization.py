@@ -1,4 +1,7 @@
-"""TensorBoard figures: anomaly heatmaps during validation/test, PR and ROC curves after test.
+"""Figures: anomaly heatmaps during validation/test; PR/ROC curves, failure gallery and size strata after test.
+
+Every image goes to each configured logger that takes images and, always, to a PNG file under
+``<log_dir>/images`` (:mod:`callbacks.image_logging`).
 
 Nothing here touches the GPU on batches it does not log: the decision to log is made from
 ``batch_idx`` alone, and only the selected images are resized and copied to the host.
@@ -6,9 +9,9 @@ Nothing here touches the GPU on batches it does not log: the decision to log is 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -19,7 +22,21 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from callbacks.evaluation import AnomalyEvaluation, resize_to
-from datamodules.labels import ANOMALY_INDEX, IGNORE_COLOR, IMAGE_MEAN, IMAGE_STD, PALETTE
+from callbacks.image_logging import image_dir, log_image
+from callbacks.rendering import (
+    apply_colormap,
+    colormap_lut,
+    curves_figure,
+    denormalize,
+    figure_to_array,
+    gallery_row,
+    label_lut,
+    make_grid,
+    outcome_overlay,
+    size_strata_figure,
+    stack_rows,
+)
+from datamodules.labels import ANOMALY_INDEX, PALETTE
 
 __all__ = [
     "AnomalyHeatmapLogger",
@@ -32,115 +49,7 @@ __all__ = [
     "outcome_overlay",
 ]
 
-#: Colours of the thresholded overlay: flagged anomaly pixels (true positives), flagged known
-#: pixels (false positives), and anomaly pixels left unflagged (misses).
-TRUE_POSITIVE_COLOR = (0, 255, 0)
-FALSE_POSITIVE_COLOR = (255, 0, 0)
-MISSED_COLOR = (0, 128, 255)
-
 _STAGE_PREFIX = {"validate": "val", "test": "test"}
-
-
-# --------------------------------------------------------------------------------------- pure helpers
-def colormap_lut(name: str = "inferno") -> np.ndarray:
-    """A matplotlib colormap sampled at 256 levels as a ``[256, 3]`` uint8 lookup table."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps[name]
-    return np.round(cmap(np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.uint8)
-
-
-def apply_colormap(score: Tensor, low: float, high: float, lut: np.ndarray) -> np.ndarray:
-    """Colour ``score`` ``[H, W]`` with ``lut`` on the fixed scale ``[low, high]``: ``[H, W, 3]`` uint8.
-
-    Values are mapped linearly, ``level = round(255 * clip((s - low) / (high - low), 0, 1))``;
-    NaN scores get level 0.
-    """
-    values = score.detach().float().cpu().numpy()
-    span = high - low if high > low else 1.0
-    scaled = np.nan_to_num((values - low) / span, nan=0.0, posinf=1.0, neginf=0.0)
-    levels = np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.intp)
-    return lut[levels]
-
-
-def label_lut(palette: Sequence[Sequence[int]], num_classes: int, anomaly_index: int = ANOMALY_INDEX) -> np.ndarray:
-    """``[256, 3]`` uint8 lookup table for label maps.
-
-    ``palette`` lists the known classes' colours in class order followed by the anomaly colour
-    (the datamodule's ``palette``; ``labels.PALETTE`` for the 13-class set, where this equals
-    ``labels.colorize``). Every other value (255 = ignore) gets ``IGNORE_COLOR``.
-    """
-    lut = np.tile(np.asarray(IGNORE_COLOR, dtype=np.uint8), (256, 1))
-    colours = np.asarray(palette, dtype=np.uint8)
-    lut[:num_classes] = colours[:num_classes]
-    if 0 <= anomaly_index < 256 and len(colours) > num_classes:
-        lut[anomaly_index] = colours[-1]
-    return lut
-
-
-def denormalize(image: Tensor, mean: Sequence[float] = IMAGE_MEAN, std: Sequence[float] = IMAGE_STD) -> Tensor:
-    """Undo ImageNet normalization of ``[..., 3, H, W]``: values clipped to ``[0, 1]``."""
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=image.device).view(3, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=image.device).view(3, 1, 1)
-    return (image.float() * std_t + mean_t).clamp(0.0, 1.0)
-
-
-def outcome_overlay(
-    rgb: np.ndarray, flagged: np.ndarray, mask: np.ndarray, anomaly_index: int, ignore_index: int, alpha: float = 0.6
-) -> np.ndarray:
-    """Blend the outcome of a thresholded score over the image ``[H, W, 3]`` uint8.
-
-    True positives (flagged anomaly pixels) green, false positives (flagged known pixels) red,
-    misses (unflagged anomaly pixels) blue; ignored pixels and correct rejections stay as they are.
-    """
-    anomaly = mask == anomaly_index
-    known = ~anomaly & (mask != ignore_index)
-    out = rgb.astype(np.float32)
-    for region, colour in (
-        (flagged & anomaly, TRUE_POSITIVE_COLOR),
-        (flagged & known, FALSE_POSITIVE_COLOR),
-        (~flagged & anomaly, MISSED_COLOR),
-    ):
-        out[region] = (1.0 - alpha) * out[region] + alpha * np.asarray(colour, dtype=np.float32)
-    return np.round(out).astype(np.uint8)
-
-
-def make_grid(panels: Sequence[np.ndarray], columns: int, padding: int = 4, fill: int = 255) -> np.ndarray:
-    """Tile equally sized ``[H, W, 3]`` uint8 panels row by row into one ``[H', W', 3]`` image."""
-    height, width = panels[0].shape[:2]
-    rows = math.ceil(len(panels) / columns)
-    grid = np.full((rows * height + (rows + 1) * padding, columns * width + (columns + 1) * padding, 3), fill, np.uint8)
-    for k, panel in enumerate(panels):
-        r, c = divmod(k, columns)
-        top, left = padding + r * (height + padding), padding + c * (width + padding)
-        grid[top : top + height, left : left + width] = panel
-    return grid
-
-
-def curves_figure(curves: Mapping[str, Mapping[str, np.ndarray]], metrics: Mapping[str, Mapping[str, float]]):  # type: ignore[no-untyped-def]
-    """A matplotlib ``Figure`` with the PR curves (left) and ROC curves (right) of every score.
-
-    ``curves[name]`` holds ``precision``, ``recall``, ``tpr`` and ``fpr`` arrays; the legend shows
-    ``metrics[name]["aupr"]``/``["auroc"]``. Built without pyplot, so no GUI backend is involved.
-    """
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(10, 4.5), layout="constrained")
-    pr_axes, roc_axes = figure.subplots(1, 2)
-    for name, curve in curves.items():
-        values = metrics.get(name, {})
-        pr_axes.plot(curve["recall"], curve["precision"], label=f"{name} (AUPR {values.get('aupr', math.nan):.3f})")
-        roc_axes.plot(curve["fpr"], curve["tpr"], label=f"{name} (AUROC {values.get('auroc', math.nan):.3f})")
-    roc_axes.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
-    roc_axes.axhline(0.95, color="0.7", linestyle="--", linewidth=1)
-    for axes, (xlabel, ylabel, title) in (
-        (pr_axes, ("recall", "precision", "precision-recall")),
-        (roc_axes, ("false positive rate", "true positive rate", "ROC")),
-    ):
-        axes.set(xlabel=xlabel, ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, 1.02))
-        axes.grid(alpha=0.3)
-        axes.legend(loc="lower left" if axes is pr_axes else "lower right", fontsize="small")
-    return figure
 
 
 # --------------------------------------------------------------------------------------- the callback
@@ -193,8 +102,14 @@ class AnomalyHeatmapLogger(L.Callback):
     TensorBoard PR plugin; its x axis is the index of the operating point, thresholds are raw
     scores) and one figure ``test/curves`` with all PR and ROC curves.
 
-    Only logs when one of the trainer's loggers is a ``TensorBoardLogger``; does nothing otherwise
-    and on ranks other than 0.
+    After test it also draws the evaluation's failure gallery (``test/gallery/false_positives``:
+    the images with the largest false-positive area at the operating threshold;
+    ``test/gallery/missed``: crops around the largest missed components; each row input, ground
+    truth, score, outcome) and the size-strata plot (``test/size_strata``).
+
+    Every image is written as a PNG under ``<log_dir>/images`` and sent to each configured logger
+    that takes images (TensorBoard, MLflow, W&B); the PR-curve plugin data and the scale text
+    are TensorBoard's only. Rank 0 writes.
 
     Args:
         every_n_batches: Log from batches whose index is a multiple of this.
@@ -274,12 +189,14 @@ class AnomalyHeatmapLogger(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._write_heatmaps("validate", trainer, pl_module)
+            self._write_heatmaps("validate", trainer, pl_module, image_dir(trainer))
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write_heatmaps("test", trainer, pl_module)
+        directory = image_dir(trainer)  # a collective under DDP: every process asks
+        self._write_heatmaps("test", trainer, pl_module, directory)
         if self.log_curves:
-            self._write_curves(trainer)
+            self._write_curves(trainer, directory)
+        self._write_operating_points(trainer, pl_module, directory)
 
     # ------------------------------------------------------------------ capture (logged batches only)
     def _maybe_capture(
@@ -291,7 +208,7 @@ class AnomalyHeatmapLogger(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if batch_idx % self.every_n_batches or not trainer.is_global_zero or _tensorboard(trainer) is None:
+        if batch_idx % self.every_n_batches or not trainer.is_global_zero:
             return
         if not isinstance(outputs, Mapping) or not outputs.get("scores"):
             return
@@ -335,10 +252,9 @@ class AnomalyHeatmapLogger(L.Callback):
             )
 
     # ------------------------------------------------------------------ writing
-    def _write_heatmaps(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _write_heatmaps(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule, directory: Path) -> None:
         captures = self._pending.pop(stage, [])
-        writer = _tensorboard(trainer)
-        if not captures or writer is None or not trainer.is_global_zero:
+        if not captures or not trainer.is_global_zero:
             return
         evaluation = _evaluation_callback(trainer)
         threshold = evaluation.threshold95(stage) if evaluation is not None else None
@@ -354,16 +270,17 @@ class AnomalyHeatmapLogger(L.Callback):
 
         for capture in captures:
             grid = _render(capture, labels, self._lut, (low, high), threshold, anomaly_index, ignore_index)
-            writer.add_image(capture.tag, grid, global_step=capture.step, dataformats="HWC")
-        description = f"heatmap scale of {method}: [{low:.6g}, {high:.6g}]"
-        if threshold is not None:
-            description += f"; 95%-TPR threshold {threshold:.6g}"
-        writer.add_text(f"{_STAGE_PREFIX[stage]}/heatmap_scale", description, global_step=captures[0].step)
-        writer.flush()
-
-    def _write_curves(self, trainer: L.Trainer) -> None:
+            log_image(trainer, capture.tag, grid, capture.step, directory)
         writer = _tensorboard(trainer)
-        if writer is None or not trainer.is_global_zero:
+        if writer is not None:
+            description = f"heatmap scale of {method}: [{low:.6g}, {high:.6g}]"
+            if threshold is not None:
+                description += f"; 95%-TPR threshold {threshold:.6g}"
+            writer.add_text(f"{_STAGE_PREFIX[stage]}/heatmap_scale", description, global_step=captures[0].step)
+            writer.flush()
+
+    def _write_curves(self, trainer: L.Trainer, directory: Path) -> None:
+        if not trainer.is_global_zero:
             return
         evaluation = _evaluation_callback(trainer)
         if evaluation is None:
@@ -373,14 +290,51 @@ class AnomalyHeatmapLogger(L.Callback):
         if not curves:
             return
         step = trainer.global_step
-        for name, curve in curves.items():
-            raw = curve.get("pr_curve_raw")
-            if raw and raw["num_thresholds"] > 0:
-                # Counts come in increasing threshold order, as the TensorBoard PR plugin expects.
-                writer.add_pr_curve_raw(f"test/pr_curve/{name}", global_step=step, **raw)
+        writer = _tensorboard(trainer)
+        if writer is not None:
+            for name, curve in curves.items():
+                raw = curve.get("pr_curve_raw")
+                if raw and raw["num_thresholds"] > 0:
+                    # Counts come in increasing threshold order, as the TensorBoard PR plugin expects.
+                    writer.add_pr_curve_raw(f"test/pr_curve/{name}", global_step=step, **raw)
+            writer.flush()
         metrics = evaluation.results.get("test", {}).get("scores", {})
-        writer.add_figure("test/curves", curves_figure(curves, metrics), global_step=step, close=True)
-        writer.flush()
+        log_image(trainer, "test/curves", figure_to_array(curves_figure(curves, metrics)), step, directory)
+
+    def _write_operating_points(self, trainer: L.Trainer, pl_module: L.LightningModule, directory: Path) -> None:
+        """The failure gallery and the size-strata plot of the evaluation's operating points."""
+        evaluation = _evaluation_callback(trainer)
+        if evaluation is None or evaluation.operating_points is None or not trainer.is_global_zero:
+            return
+        results = evaluation.results.get("test", {}).get("operating_points") or {}
+        if not results.get("thresholds"):
+            return
+        step = trainer.global_step
+        operating = evaluation.operating_points
+        threshold = results["thresholds"][operating.primary]
+        num_classes = int(getattr(pl_module, "num_classes", len(PALETTE) - 1))
+        anomaly_index = int(getattr(pl_module, "anomaly_index", ANOMALY_INDEX))
+        ignore_index = int(getattr(pl_module, "ignore_index", 255))
+        palette = getattr(trainer.datamodule, "palette", None) if trainer.datamodule is not None else None
+        labels = label_lut(palette if palette is not None else PALETTE, num_classes, anomaly_index)
+        if self._lut is None:
+            self._lut = colormap_lut(self.colormap)
+        method = str(getattr(pl_module, "method_name", type(pl_module).__name__))
+        for kind in ("false_positives", "missed"):
+            entries = [entry for entry in operating.gallery if entry.kind == kind]
+            if not entries:
+                continue
+            scale = self.scales.get(method) or _quantile_scale(torch.from_numpy(entries[0].score), self.quantiles)
+            rows = [
+                gallery_row(entry, labels, self._lut, scale, threshold, anomaly_index, ignore_index)
+                for entry in entries
+            ]
+            title = f"{method}, {kind.replace('_', ' ')} at {operating.primary} {threshold:.4g}"
+            title += ": input | truth | score | outcome"
+            log_image(trainer, f"test/gallery/{kind}", stack_rows(rows, title), step, directory)
+        strata = results.get("size_strata")
+        if strata and any(b["components"] for b in strata["bins"]):
+            log_image(trainer, "test/size_strata", figure_to_array(size_strata_figure(strata)), step, directory)
 
 
 # --------------------------------------------------------------------------------------- helpers

@@ -493,6 +493,12 @@ class InjectionConfig:
     random_flip: bool = True
 
 
+#: The calibration split's outliers: the procedural source, pasted into every validation image.
+CALIBRATION_DEFAULT = InjectionConfig(source="procedural", probability=1.0)
+#: Offset of the calibration split's injection seed from ``data.seed`` (other draws than training's).
+CALIBRATION_SEED_OFFSET = 1_000_003
+
+
 class StreetHazardsDataModule(L.LightningDataModule):
     """StreetHazards (or the embedded synthetic copy) as a LightningDataModule.
 
@@ -515,6 +521,10 @@ class StreetHazardsDataModule(L.LightningDataModule):
         scale_range: random scale factors for augmentation.
         injection: paste outlier objects into training images (``mask`` gets 13 there,
             ``mask_clean`` keeps the original label); ``None`` disables.
+        calibration: outliers pasted into the validation images (every image, deterministic per
+            image, at the test resolution) to give the *calibration split*, on which evaluation
+            fixes its operating thresholds before it reads the test split
+            (:meth:`calibration_dataloader`); ``None`` disables it (no operating points then).
         seed: seed of the training split's shuffling, augmentation and anomaly injection (each a
             function of seed, epoch and sample, independent of the number of workers).
         predict_dir: folder of images for ``predict``; images of any size.
@@ -536,6 +546,7 @@ class StreetHazardsDataModule(L.LightningDataModule):
         train_augment: bool = True,
         scale_range: tuple[float, float] = (0.5, 2.0),
         injection: InjectionConfig | None = None,
+        calibration: InjectionConfig | None = CALIBRATION_DEFAULT,
         seed: int = 0,
         predict_dir: str | None = None,
         predict_image_size: tuple[int, int] | None = None,
@@ -560,6 +571,7 @@ class StreetHazardsDataModule(L.LightningDataModule):
         self.train_augment = train_augment
         self.scale_range = tuple(scale_range)
         self.injection = injection
+        self.calibration = calibration
         self.seed = seed
         self.predict_dir = predict_dir
         self.predict_image_size = predict_image_size
@@ -673,6 +685,16 @@ class StreetHazardsDataModule(L.LightningDataModule):
             self.datasets["val"] = self._dataset("val", image_size=self.image_size)
         if stage in (None, "test"):
             self.datasets["test"] = self._dataset("test", image_size=self.test_image_size)
+            if self.calibration is not None:
+                from datamodules.injection import build_injector
+
+                seed = self.seed + CALIBRATION_SEED_OFFSET
+                self.datasets["calibration"] = self._dataset(
+                    "val",
+                    image_size=self.test_image_size,
+                    injector=build_injector(self.calibration, seed=seed),
+                    seed=seed,
+                )
         if stage == "predict":
             if self.predict_dir is None:
                 raise StreetHazardsDataError("predict needs data.predict_dir: a folder of images")
@@ -753,6 +775,23 @@ class StreetHazardsDataModule(L.LightningDataModule):
         return self._loader(
             dataset, batch_size or self.eval_batch_size, shuffle=False, sampler=self._eval_sampler(dataset)
         )
+
+    def calibration_dataloader(self) -> DataLoader | None:
+        """The calibration split: validation images with pasted outliers (``data.calibration``), at
+        the test resolution, sharded without repeats; ``None`` when disabled or not set up."""
+        dataset = self.datasets.get("calibration")
+        return self._eval_loader(dataset) if dataset is not None else None
+
+    def calibration_card(self) -> dict[str, Any] | None:
+        """What the calibration split is, for result files."""
+        if self.calibration is None:
+            return None
+        return {
+            "images": "validation split",
+            "outliers": asdict(self.calibration),
+            "seed": self.seed + CALIBRATION_SEED_OFFSET,
+            "image_size": list(self.test_image_size) if self.test_image_size is not None else "native",
+        }
 
     def predict_dataloader(self) -> DataLoader:
         dataset = self.datasets["predict"]

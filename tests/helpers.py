@@ -235,8 +235,6 @@ def parameters_finite(checkpoint: dict[str, Any]) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in checkpoint["state_dict"].values() if v.is_floating_point())
 
 
-
-
 def method_config_args(method: str = "sml", demo: bool = True) -> list[str]:
     """The composed configs of a registered method: the experiment base, then the method block."""
     base = "configs/demo.yaml" if demo else "configs/streethazards.yaml"
@@ -326,3 +324,25 @@ def assert_same_evaluation(one: dict[str, Any], two: dict[str, Any], exact_score
                 assert other == pytest.approx(value, rel=1e-6, abs=1e-9), (score, key)
 
 
+class RecordOperatingPoints(L.Callback):
+    """Test helper: when the first test batch reaches the model, record whether the evaluation's
+    operating thresholds were already fixed (and what they were), and how many test steps ran
+    before they were."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.record: dict[str, Any] = {}
+
+    def on_test_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self.record:
+            return
+        evaluation = next(cb for cb in trainer.callbacks if type(cb).__name__ == "AnomalyEvaluation")
+        operating = evaluation.operating_points
+        self.record = {
+            "ready_at_first_test_batch": bool(operating is not None and operating.ready),
+            "thresholds": dict(operating.thresholds) if operating is not None else None,
+            "test_steps_before_thresholds": int(trainer.test_loop.batch_progress.total.completed),
+        }
+        Path(self.path).write_text(json.dumps(self.record))

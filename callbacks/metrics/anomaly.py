@@ -598,6 +598,15 @@ class AnomalyMetrics(Metric):
         neg, pos, edge = (value.cpu().flip(0) for value in (bins.neg, bins.pos, bins.lower_key))
         return {"tp": pos.cumsum(0), "fp": neg.cumsum(0), "thresholds": key_to_float(edge).double()}
 
+    def operating_points(self) -> dict[str, Tensor] | None:
+        """Every operating point "flag ``score >= threshold``" at the histogram's bin edges.
+
+        ``{"tp", "fp", "thresholds"}`` host tensors, thresholds decreasing (float64), ``tp``/``fp``
+        the anomaly/normal pixels flagged (cumulative int64 counts); ``None`` before any pixel.
+        Feed them to :mod:`callbacks.metrics.functional.operating_points`. A collective under DDP.
+        """
+        return self._operating_points()
+
     def _checked_points(self, caller: str) -> dict[str, Tensor] | None:
         points = self._operating_points()
         if points is None or points["tp"][-1] == 0 or points["fp"][-1] == 0:

@@ -11,7 +11,12 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from callbacks.metrics.functional.components import SIOU_THRESHOLDS, component_counts, image_components
+from callbacks.metrics.functional.components import (
+    SIOU_THRESHOLDS,
+    component_counts,
+    image_component_table,
+    label_anomalies,
+)
 
 __all__ = ["ComponentMetrics"]
 
@@ -93,8 +98,9 @@ class ComponentMetrics(Metric):
         host_labels = mask.detach().cpu().numpy()
         totals = {name: np.zeros_like(getattr(self, name).cpu().numpy()) for name in self._defaults}
         for image_scores, image_labels in zip(host_scores, host_labels, strict=True):
+            truth = label_anomalies(image_labels, self.anomaly_index)  # the same at every threshold
             for t, threshold in enumerate(self.thresholds):
-                siou, precision = image_components(
+                table = image_component_table(
                     image_scores,
                     image_labels,
                     threshold,
@@ -102,15 +108,11 @@ class ComponentMetrics(Metric):
                     self.ignore_index,
                     self.min_prediction_size,
                     self.min_anomaly_size,
+                    truth=truth,
                 )
-                counts = component_counts(siou, precision, self.siou_thresholds)
-                totals["tp"][t] += counts["tp"]
-                totals["fn"][t] += counts["fn"]
-                totals["fp"][t] += counts["fp"]
-                totals["num_anomalies"][t] += counts["num_anomalies"]
-                totals["num_predicted"][t] += counts["num_predicted"]
-                totals["siou_sum"][t] += counts["siou_sum"]
-                totals["precision_sum"][t] += counts["precision_sum"]
+                counts = component_counts(table.siou, table.precision, self.siou_thresholds)
+                for name in totals:
+                    totals[name][t] += counts[name]
         for name, value in totals.items():
             state = getattr(self, name)
             state += torch.from_numpy(value).to(state.device)
@@ -140,8 +142,12 @@ class ComponentMetrics(Metric):
                 if hit:
                     s = hit[0]
                     result.update(
-                        {f"F1_{key}": float(f1[s]), f"TP_{key}": int(tp[t, s]), f"FN_{key}": int(fn[t, s]),
-                         f"FP_{key}": int(fp[t, s])}  # fmt: skip
+                        {
+                            f"F1_{key}": float(f1[s]),
+                            f"TP_{key}": int(tp[t, s]),
+                            f"FN_{key}": int(fn[t, s]),
+                            f"FP_{key}": int(fp[t, s]),
+                        }  # fmt: skip
                     )
             results.append(result)
         return results

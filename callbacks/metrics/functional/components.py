@@ -32,14 +32,116 @@ Example:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["SIOU_THRESHOLDS", "component_counts", "image_components"]
+__all__ = [
+    "SIOU_THRESHOLDS",
+    "ImageComponents",
+    "component_counts",
+    "image_component_table",
+    "image_components",
+    "label_anomalies",
+]
 
 #: The benchmark's sIoU thresholds.
 SIOU_THRESHOLDS = tuple(float(t) for t in np.linspace(0.25, 0.75, 11))
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=np.uint8)
+
+
+class ImageComponents(NamedTuple):
+    """The components of one image at one threshold (see :func:`image_component_table`)."""
+
+    #: sIoU of every ground-truth component kept (in label order of ``truth``).
+    siou: np.ndarray
+    #: Precision of every predicted component kept.
+    precision: np.ndarray
+    #: Pixel count of every ground-truth component kept (its area at evaluation resolution).
+    truth_sizes: np.ndarray
+    #: Label of every ground-truth component kept in ``truth``.
+    truth_ids: np.ndarray
+    #: ``[H, W]`` ground-truth component labels (0: no anomaly).
+    truth: np.ndarray
+
+
+def label_anomalies(labels: np.ndarray, anomaly_index: int = 13) -> tuple[np.ndarray, int]:
+    """8-connected components of the anomaly pixels of ``labels``: ``(component labels, count)``."""
+    return ndimage.label(labels == anomaly_index, structure=_EIGHT_CONNECTED)
+
+
+def image_component_table(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    threshold: float,
+    anomaly_index: int = 13,
+    ignore_index: int = 255,
+    min_prediction_size: int = 500,
+    min_anomaly_size: int = 100,
+    truth: tuple[np.ndarray, int] | None = None,
+) -> ImageComponents:
+    """Every component of one image at ``threshold``: sIoU, precision and area (the rules above).
+
+    Args:
+        scores: ``[H, W]`` anomaly scores (higher = more anomalous).
+        labels: ``[H, W]`` labels: ``anomaly_index`` anomaly, ``ignore_index`` void, the rest normal.
+        threshold: pixels with ``score > threshold`` are predicted anomalous.
+        min_prediction_size, min_anomaly_size: the benchmark's size filters in pixels (its anomaly
+            track: 500 and 100, at its evaluation resolution).
+        truth: ``label_anomalies(labels)`` when already computed (it does not depend on the threshold).
+    """
+    if scores.shape != labels.shape or scores.ndim != 2:
+        raise ValueError(f"expected [H, W] scores and labels of one shape, got {scores.shape} and {labels.shape}")
+    void = labels == ignore_index
+    truth_map, num_truth = truth if truth is not None else label_anomalies(labels, anomaly_index)
+    predicted, num_predicted = ndimage.label((scores > threshold) & ~void, structure=_EIGHT_CONNECTED)
+    # Only pixels on an anomaly or a prediction enter the table (the rest would only fill its
+    # unused corner [0, 0]): every step below is linear in them, not in the image.
+    where = np.flatnonzero((truth_map > 0) | (predicted > 0))
+    g, p = truth_map.ravel()[where].astype(np.int64), predicted.ravel()[where].astype(np.int64)
+    small_prediction = np.bincount(p, minlength=num_predicted + 1) < min_prediction_size
+    small_prediction[0] = False  # the background stays background (the benchmark: no change)
+    p[small_prediction[p]] = 0
+    # Small anomalies become void; so does the background (all non-anomaly pixels, most of them
+    # outside this selection) when it is smaller than the limit, as in the benchmark's loop.
+    truth_sizes = np.bincount(g, minlength=num_truth + 1)
+    truth_sizes[0] = labels.size - truth_sizes[1:].sum()
+    small_truth = truth_sizes < min_anomaly_size
+    keep = ~small_truth[g] & ~void.ravel()[where]
+    g, p = g[keep], p[keep]
+    # Contingency table over the region: table[k, j] pixels of ground-truth component k (0: none)
+    # in predicted component j (0: none); rows and columns of components absent from it dropped.
+    table = np.bincount(g * (num_predicted + 1) + p, minlength=(num_truth + 1) * (num_predicted + 1))
+    table = table.reshape(num_truth + 1, num_predicted + 1).astype(np.float64)
+    truth_ids = np.flatnonzero(table.sum(axis=1) > 0)
+    truth_ids = truth_ids[truth_ids > 0]
+    predicted_ids = np.flatnonzero(table.sum(axis=0) > 0)
+    predicted_ids = predicted_ids[predicted_ids > 0]
+    table = table[np.concatenate([[0], truth_ids])][:, np.concatenate([[0], predicted_ids])]
+    gt_rows = np.arange(1, len(truth_ids) + 1)
+    pred_cols = np.arange(1, len(predicted_ids) + 1)
+    sizes = table.sum(axis=0)  # predicted component sizes in the region (column 0: unpredicted)
+    on_background = table[0]  # predicted pixels on no anomaly
+
+    pred_sizes = sizes[pred_cols]
+    on_anomalies = pred_sizes - on_background[pred_cols]  # each prediction's pixels on any anomaly
+    rows = table[gt_rows][:, pred_cols]  # [anomalies, predictions]
+    touching = rows > 0
+    intersection = rows.sum(axis=1)
+    gt_sizes = table[gt_rows].sum(axis=1)
+    # |P(k)| + |k| - |k ∩ P(k)| - |P(k) ∩ other anomalies|, with the last term the touching
+    # predictions' pixels on anomalies other than k
+    union = (
+        (touching * pred_sizes).sum(axis=1) + gt_sizes - intersection - (touching * (on_anomalies - rows)).sum(axis=1)
+    )
+    return ImageComponents(
+        siou=intersection / union,
+        precision=on_anomalies / pred_sizes,
+        truth_sizes=gt_sizes.astype(np.int64),
+        truth_ids=truth_ids,
+        truth=truth_map,
+    )
 
 
 def image_components(
@@ -53,52 +155,12 @@ def image_components(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(sIoU of every ground-truth component, precision of every predicted component)`` of one image.
 
-    Args:
-        scores: ``[H, W]`` anomaly scores (higher = more anomalous).
-        labels: ``[H, W]`` labels: ``anomaly_index`` anomaly, ``ignore_index`` void, the rest normal.
-        threshold: pixels with ``score > threshold`` are predicted anomalous.
-        min_prediction_size, min_anomaly_size: the benchmark's size filters in pixels (its anomaly
-            track: 500 and 100, at its evaluation resolution).
+    Arguments as :func:`image_component_table`, which also returns the components' areas.
     """
-    if scores.shape != labels.shape or scores.ndim != 2:
-        raise ValueError(f"expected [H, W] scores and labels of one shape, got {scores.shape} and {labels.shape}")
-    void = labels == ignore_index
-    truth, num_truth = ndimage.label(labels == anomaly_index, structure=_EIGHT_CONNECTED)
-    predicted, num_predicted = ndimage.label((scores > threshold) & ~void, structure=_EIGHT_CONNECTED)
-
-    predicted_sizes = np.bincount(predicted.ravel(), minlength=num_predicted + 1)
-    small = predicted_sizes < min_prediction_size
-    small[0] = False  # the background stays background (the benchmark sets it to 0: no change)
-    predicted[small[predicted]] = 0
-    truth_sizes = np.bincount(truth.ravel(), minlength=num_truth + 1)
-    region = ~void & ~(truth_sizes < min_anomaly_size)[truth]  # small anomalies (or background) become void
-
-    g, p = truth[region].astype(np.int64), predicted[region].astype(np.int64)
-    # Contingency table over the region: table[k, j] pixels of ground-truth component k (0: none)
-    # in predicted component j (0: none), on the components present.
-    truth_ids, g = np.unique(g, return_inverse=True)
-    predicted_ids, p = np.unique(p, return_inverse=True)
-    table = np.bincount(g * len(predicted_ids) + p, minlength=len(truth_ids) * len(predicted_ids))
-    table = table.reshape(len(truth_ids), len(predicted_ids)).astype(np.float64)
-    gt_rows = np.flatnonzero(truth_ids > 0)
-    pred_cols = np.flatnonzero(predicted_ids > 0)
-    sizes = table.sum(axis=0)  # predicted component sizes in the region (column 0: unpredicted)
-    on_background = table[truth_ids == 0].sum(axis=0)  # predicted pixels on no anomaly
-
-    pred_sizes = sizes[pred_cols]
-    on_anomalies = pred_sizes - on_background[pred_cols]  # each prediction's pixels on any anomaly
-    rows = table[gt_rows][:, pred_cols]  # [anomalies, predictions]
-    touching = rows > 0
-    intersection = rows.sum(axis=1)
-    # |P(k)| + |k| - |k ∩ P(k)| - |P(k) ∩ other anomalies|, with the last term the touching
-    # predictions' pixels on anomalies other than k
-    union = (
-        (touching * pred_sizes).sum(axis=1)
-        + table[gt_rows].sum(axis=1)
-        - intersection
-        - (touching * (on_anomalies - rows)).sum(axis=1)
+    table = image_component_table(
+        scores, labels, threshold, anomaly_index, ignore_index, min_prediction_size, min_anomaly_size
     )
-    return intersection / union, on_anomalies / pred_sizes
+    return table.siou, table.precision
 
 
 def component_counts(
