@@ -124,7 +124,9 @@ class OperatingPointEvaluation:
         self._components: ComponentMetrics | None = None
         self._pixels: ThresholdCounts | None = None
         self._strata: SizeStrataMetrics | None = None
-        self._stratum_aupr: list[AnomalyMetrics] = []
+        # AUPR per size bin: one histogram of the negatives, one of each bin's positives (merged at the end).
+        self._stratum_negatives: AnomalyMetrics | None = None
+        self._stratum_positives: list[AnomalyMetrics] = []
         self._gallery: dict[str, list[GalleryEntry]] = {"false_positives": [], "missed": []}
         self._order = itertools.count()
         self._sizes: tuple[int, int] = (0, 0)
@@ -229,11 +231,12 @@ class OperatingPointEvaluation:
         self._strata = SizeStrataMetrics(operating, self.size_bins, 0.5, self.anomaly_index, self.ignore_index).to(
             device
         )
-        self._stratum_aupr = [
-            AnomalyMetrics(self.anomaly_index, self.ignore_index, num_bits=_STRATUM_BITS).to(device)
-            for _ in range(len(self.size_bins) + 1)
-        ]
+        self._stratum_negatives = self._stratum_metric(device)
+        self._stratum_positives = [self._stratum_metric(device) for _ in range(len(self.size_bins) + 1)]
         self._sizes = (min_prediction, min_anomaly)
+
+    def _stratum_metric(self, device: torch.device) -> AnomalyMetrics:
+        return AnomalyMetrics(self.anomaly_index, self.ignore_index, num_bits=_STRATUM_BITS).to(device)
 
     def update(
         self, score: Tensor, mask: Tensor, images: Tensor | None = None, names: Sequence[str] | None = None
@@ -262,10 +265,17 @@ class OperatingPointEvaluation:
                 lookup = np.full(int(first.truth.max()) + 1, -1, np.int64)
                 lookup[first.truth_ids] = size_bin_of(first.truth_sizes, edges_px)
                 bin_map[i] = lookup[first.truth]
-        bins = torch.from_numpy(bin_map).to(mask.device)
+        assert self._stratum_negatives is not None
         anomaly = mask == self.anomaly_index
-        for b, metric in enumerate(self._stratum_aupr):
-            metric.update(score, torch.where(anomaly & (bins != b), self.ignore_index, mask))
+        self._stratum_negatives.update(score, torch.where(anomaly, self.ignore_index, mask))
+        pixel_bins = torch.from_numpy(bin_map).to(mask.device)[anomaly]
+        positive_scores = score[anomaly]
+        for b, metric in enumerate(self._stratum_positives):
+            selected = positive_scores[pixel_bins == b]
+            if selected.numel():
+                metric.update(
+                    selected.view(1, -1), torch.full_like(selected, self.anomaly_index, dtype=torch.long).view(1, -1)
+                )
 
         primary = operating[OPERATING_POINTS.index(self.primary)]
         table_index = OPERATING_POINTS.index(self.primary)
@@ -316,7 +326,13 @@ class OperatingPointEvaluation:
         components = self._components.compute()
         pixels = self._pixels.compute()
         strata = self._strata.compute()
-        stratum_aupr = [metric.compute() for metric in self._stratum_aupr]
+        stratum_aupr = []
+        for positives in self._stratum_positives:
+            assert self._stratum_negatives is not None
+            merged = self._stratum_metric(self._stratum_negatives.device)
+            merged.merge_state(self._stratum_negatives)
+            merged.merge_state(positives)
+            stratum_aupr.append(merged.compute())
         self.gallery = self._gather_gallery(trainer)
 
         names = [*OPERATING_POINTS, *(f"grid{k}" for k in range(len(self._grid)))]

@@ -281,3 +281,33 @@ def test_wandb_offline_logger_receives_the_image(tmp_path: Path, monkeypatch: py
     logger.experiment.finish()
     stored = [p for p in (tmp_path / "wandb").rglob("*.png") if "/files/media/images/" in p.as_posix()]
     assert stored and np.array_equal(np.asarray(Image.open(stored[0]))[..., :3], IMAGE)
+
+
+def test_size_bin_aupr_matches_scikit_learn() -> None:
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(5)
+    frames = [_frame(rng) for _ in range(5)]
+    edges = [0.002, 0.01, 0.03]
+    evaluation = OperatingPointEvaluation(oracle_thresholds=0, size_bins=edges, min_prediction_size=1)
+    evaluation.thresholds = {"tpr95": 0.5, "best_f1": 0.6}  # as calibration would have fixed them
+    for scores, labels in frames:
+        evaluation.update(torch.from_numpy(scores)[None], torch.from_numpy(labels)[None], names=["x"])
+    result = evaluation.compute(type("OneProcess", (), {"world_size": 1})())
+    negatives = np.concatenate([s[(lab != 13) & (lab != 255)] for s, lab in frames])
+    for b, bin_result in enumerate(result["size_strata"]["bins"]):
+        positives = []
+        for scores, labels in frames:
+            truth, n = ndimage.label(labels == 13, structure=EIGHT)
+            for k in range(1, n + 1):
+                size = (truth == k).sum()
+                if sum(size >= e * labels.size for e in edges) == b:
+                    positives.append(scores[truth == k])
+        if not positives:
+            assert bin_result["aupr"] is None or np.isnan(bin_result["aupr"])
+            continue
+        positives = np.concatenate(positives)
+        truth_labels = np.r_[np.ones(positives.size), np.zeros(negatives.size)]
+        expected = average_precision_score(truth_labels, np.r_[positives, negatives])
+        assert bin_result["aupr"] == pytest.approx(expected, abs=1e-4)
+    assert len(result["gallery"]) >= 1

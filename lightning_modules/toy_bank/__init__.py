@@ -1,0 +1,1 @@
+from lightning_modules.toy_bank.lightning_model import ToyBankSegmenter
