@@ -135,7 +135,10 @@ def test_a_new_folder_and_config_give_fit_test_predict_and_compare(
         method_config_dir=str(REPO / "configs" / "method" / "demo"),
     )
     assert records[0]["method"] == toy_method and records[0]["network"] == toy_method
-    assert (tmp_path / "compare" / "comparison.md").read_text().count(f"| {toy_method} |") == 1
+    comparison = (tmp_path / "compare" / "comparison.md").read_text()
+    main_table = comparison.split("| method | AUPR |", 1)[1].split("\n\n", 1)[0]
+    assert main_table.count(f"| {toy_method} |") == 1  # one row for the method's own score
+    assert f"| {toy_method} | tpr95 |" in comparison and f"| {toy_method} | best_f1 |" in comparison
 
 
 def test_registering_another_class_under_a_taken_name_fails() -> None:

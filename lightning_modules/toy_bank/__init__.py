@@ -1,1 +1,0 @@
-from lightning_modules.toy_bank.lightning_model import ToyBankSegmenter
