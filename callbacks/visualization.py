@@ -258,11 +258,7 @@ class AnomalyHeatmapLogger(L.Callback):
             return
         evaluation = _evaluation_callback(trainer)
         threshold = evaluation.threshold95(stage) if evaluation is not None else None
-        num_classes = int(getattr(pl_module, "num_classes", len(PALETTE) - 1))
-        anomaly_index = int(getattr(pl_module, "anomaly_index", ANOMALY_INDEX))
-        ignore_index = int(getattr(pl_module, "ignore_index", 255))
-        palette = getattr(trainer.datamodule, "palette", None) if trainer.datamodule is not None else None
-        labels = label_lut(palette if palette is not None else PALETTE, num_classes, anomaly_index)
+        labels, anomaly_index, ignore_index = _label_colours(trainer, pl_module)
         if self._lut is None:
             self._lut = colormap_lut(self.colormap)
         method = str(getattr(pl_module, "method_name", type(pl_module).__name__))
@@ -312,11 +308,7 @@ class AnomalyHeatmapLogger(L.Callback):
         step = trainer.global_step
         operating = evaluation.operating_points
         threshold = results["thresholds"][operating.primary]
-        num_classes = int(getattr(pl_module, "num_classes", len(PALETTE) - 1))
-        anomaly_index = int(getattr(pl_module, "anomaly_index", ANOMALY_INDEX))
-        ignore_index = int(getattr(pl_module, "ignore_index", 255))
-        palette = getattr(trainer.datamodule, "palette", None) if trainer.datamodule is not None else None
-        labels = label_lut(palette if palette is not None else PALETTE, num_classes, anomaly_index)
+        labels, anomaly_index, ignore_index = _label_colours(trainer, pl_module)
         if self._lut is None:
             self._lut = colormap_lut(self.colormap)
         method = str(getattr(pl_module, "method_name", type(pl_module).__name__))
@@ -354,6 +346,19 @@ def _render(
         flagged = capture.score.numpy() >= threshold
         panels.append(outcome_overlay(rgb, flagged, mask, anomaly_index, ignore_index))
     return make_grid(panels, columns=3 if len(panels) > 4 else 2)
+
+
+def _label_colours(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[np.ndarray, int, int]:
+    """The label colour table of the run's class set, and its anomaly and ignore indices."""
+    num_classes = int(getattr(pl_module, "num_classes", len(PALETTE) - 1))
+    anomaly_index = int(getattr(pl_module, "anomaly_index", ANOMALY_INDEX))
+    ignore_index = int(getattr(pl_module, "ignore_index", 255))
+    palette = getattr(trainer.datamodule, "palette", None) if trainer.datamodule is not None else None
+    return (
+        label_lut(palette if palette is not None else PALETTE, num_classes, anomaly_index),
+        anomaly_index,
+        ignore_index,
+    )
 
 
 def _tensorboard(trainer: L.Trainer) -> Any:

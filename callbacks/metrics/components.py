@@ -17,6 +17,7 @@ from callbacks.metrics.functional.components import (
     image_component_table,
     label_anomalies,
 )
+from callbacks.metrics.functional.operating_points import check_thresholds
 
 __all__ = ["ComponentMetrics"]
 
@@ -66,9 +67,7 @@ class ComponentMetrics(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.thresholds = [float(t) for t in thresholds]
-        if not self.thresholds or not all(math.isfinite(t) for t in self.thresholds):
-            raise ValueError(f"thresholds must be one or more finite score thresholds, got {list(thresholds)}")
+        self.thresholds = check_thresholds(thresholds)
         self.siou_thresholds = tuple(float(t) for t in siou_thresholds)
         if not self.siou_thresholds or not all(0.0 <= t <= 1.0 for t in self.siou_thresholds):
             raise ValueError(f"siou_thresholds must lie in [0, 1], got {list(siou_thresholds)}")

@@ -12,6 +12,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from callbacks.metrics.functional.components import image_component_table, label_anomalies
+from callbacks.metrics.functional.operating_points import check_thresholds
 
 __all__ = ["SizeStrataMetrics", "check_size_bins", "size_bin_of"]
 
@@ -75,9 +76,7 @@ class SizeStrataMetrics(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.thresholds = [float(t) for t in thresholds]
-        if not self.thresholds or not all(math.isfinite(t) for t in self.thresholds):
-            raise ValueError(f"thresholds must be one or more finite score thresholds, got {list(thresholds)}")
+        self.thresholds = check_thresholds(thresholds)
         self.edges = check_size_bins(edges)
         self.found_siou = float(found_siou)
         self.anomaly_index, self.ignore_index = int(anomaly_index), int(ignore_index)

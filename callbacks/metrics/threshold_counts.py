@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from callbacks.metrics.functional.operating_points import counts_at_thresholds, rates_from_counts
+from callbacks.metrics.functional.operating_points import check_thresholds, counts_at_thresholds, rates_from_counts
 
 __all__ = ["ThresholdCounts"]
 
@@ -35,9 +34,7 @@ class ThresholdCounts(Metric):
         self, thresholds: Sequence[float], anomaly_index: int = 13, ignore_index: int = 255, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        self.thresholds = [float(t) for t in thresholds]
-        if not self.thresholds or not all(math.isfinite(t) for t in self.thresholds):
-            raise ValueError(f"thresholds must be one or more finite score thresholds, got {list(thresholds)}")
+        self.thresholds = check_thresholds(thresholds)
         self.anomaly_index, self.ignore_index = int(anomaly_index), int(ignore_index)
         self.add_state("counts", torch.zeros(len(self.thresholds), 4, dtype=torch.int64), dist_reduce_fx="sum")
         self._threshold_tensor: Tensor | None = None

@@ -22,7 +22,24 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["best_f1_threshold", "counts_at_thresholds", "rates_from_counts", "threshold_at_recall"]
+__all__ = [
+    "best_f1_threshold",
+    "check_thresholds",
+    "counts_at_thresholds",
+    "rates_from_counts",
+    "threshold_at_recall",
+]
+
+
+def check_thresholds(thresholds: Sequence[float]) -> list[float]:
+    """``thresholds`` as floats; ``ValueError`` (one line) unless one or more, all finite."""
+    try:
+        values = [float(t) for t in thresholds]
+    except (TypeError, ValueError):
+        raise ValueError(f"thresholds must be one or more finite score thresholds, got {thresholds!r}") from None
+    if not values or not all(math.isfinite(t) for t in values):
+        raise ValueError(f"thresholds must be one or more finite score thresholds, got {list(thresholds)}")
+    return values
 
 
 def threshold_at_recall(tp: Tensor, fp: Tensor, thresholds: Tensor, recall: float) -> float:
