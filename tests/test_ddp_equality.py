@@ -128,5 +128,3 @@ def test_ddp_dual_decoder_checkpoint_within_an_epoch_holds_all_processes_sums(da
     assert torch.equal(counts[0] + counts[1], uninterrupted[0] + uninterrupted[1])
     for name in EpochStatistics.STATISTICS:
         assert torch.equal(resumed[0]["statistics"][0][name], resumed[1]["statistics"][0][name]), name
-
-

@@ -40,7 +40,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def args(root: Path, out: Path, method: str) -> list[str]:
     return [
-        *cli_args(root, out, method, name=method, image_size=(64, 112), batch_size=8, eval_batch_size=None),
+        *cli_args(
+            root, out, method, name=method, image_size=(64, 112), batch_size=8, eval_batch_size=None, encoder="resnet18"
+        ),  # the bars were measured with the demo's encoder
         "--trainer.limit_val_batches=1.0",
         f"--trainer.max_epochs={EPOCHS}",
         "--heatmaps.every_n_batches=1000",

@@ -90,5 +90,3 @@ def test_nan_anomaly_scores_fail_evaluation_with_a_clear_message(tmp_path: Path)
     with pytest.raises(ValueError, match=r"anomaly scores contain 2 NaN values at non-ignored pixels"):
         trainer.test(_NaNScores(), dataloaders=loader, verbose=False)
     assert not (tmp_path / "metrics.json").exists()
-
-

@@ -260,8 +260,6 @@ def test_default_logger_has_a_fixed_folder(data_root: Path, tmp_path: Path) -> N
     assert Path(configured.trainer.logger.log_dir) == Path("outputs/demo/fre/run")
 
 
-
-
 # --------------------------------------------------------------------------------------- offline
 def test_ckpt_path_last_takes_the_checkpoints_options_and_never_downloads(
     data_root: Path, trained: dict[str, Path], tmp_path: Path

@@ -143,5 +143,3 @@ def test_full_resolution_images_stream_through_evaluation_in_flat_memory(tmp_pat
     block = torch.ones(256 * 2**20 // 4)
     assert _RssProbe.rss() - before > 200 * 2**20
     del block
-
-
