@@ -30,7 +30,7 @@ from callbacks.protocol import resolve_presets
 from callbacks.visualization import AnomalyHeatmapLogger
 from datamodules.io import atomic_open, atomic_write_json, atomic_write_text
 from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IMAGE_MEAN, IMAGE_STD, colorize
-from datamodules.streethazards import StreetHazardsDataModule
+from datamodules.streethazards import StreetHazardsDataModule, prepare_batch
 from lightning_modules.base import AnomalySegmentationModule
 from lightning_modules.checkpoints import (
     AtomicCheckpointIO,
@@ -377,6 +377,7 @@ def _examples(model: Any, datamodule: Any, count: int) -> list[dict[str, np.ndar
     examples: list[dict[str, np.ndarray]] = []
     model.eval()
     for batch in datamodule.test_dataloader():
+        batch = prepare_batch(batch)  # the loaders ship uint8: normalize as the Trainer's transfer would
         for i in range(batch["image"].shape[0]):
             if len(examples) >= count:
                 return examples
@@ -579,9 +580,7 @@ def compare(
         raise FileNotFoundError(f"compare: base_config not found: {base_config}")
     registry = methods_registry()
     if scores_network_of is None:
-        scores_network_of = {
-            n: e.scores_network_of for n, e in registry.items() if n in names and e.scores_network_of
-        }
+        scores_network_of = {n: e.scores_network_of for n, e in registry.items() if n in names and e.scores_network_of}
     if init_from is None:
         init_from = {n: e.init_from for n, e in registry.items() if n in names and e.init_from}
     scores_network_of, init_from = dict(scores_network_of), dict(init_from)
@@ -661,8 +660,6 @@ def compare(
     print(table)
     print(f"compare: wrote {out / 'comparison.json'}, {out / 'comparison.md'}, {out / 'comparison.png'}")
     return records
-
-
 
 
 def _common_protocol(cards: dict[str, Any]) -> dict[str, Any]:

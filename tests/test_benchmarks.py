@@ -124,7 +124,7 @@ def test_mixed_precision_check_runs_on_cpu(tmp_path: Path, capsys: pytest.Captur
 def test_sml_postprocessing_sweep_matches_sklearn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from datamodules.streethazards import StreetHazardsDataModule
+    from datamodules.streethazards import StreetHazardsDataModule, prepare_batch
     from datamodules.synthetic import write_synthetic_streethazards
     from lightning_modules.sml import SMLSegmenter, sml_anomaly_score
 
@@ -149,7 +149,7 @@ def test_sml_postprocessing_sweep_matches_sklearn(tmp_path: Path, capsys: pytest
     model.fit_posthoc(StreetHazardsDataModule(root=str(root), image_size=(64, 96), num_workers=0).posthoc_dataloader())
     data = StreetHazardsDataModule(root=str(heldout), image_size=(64, 96), num_workers=0)
     data.setup("test")
-    batch = next(iter(torch.utils.data.DataLoader(data.datasets["test"], batch_size=4)))
+    batch = prepare_batch(next(iter(torch.utils.data.DataLoader(data.datasets["test"], batch_size=4))))
     with torch.no_grad():
         logits = model.eval()(batch["image"])
     labels = (batch["mask"] == 13).flatten().numpy()
