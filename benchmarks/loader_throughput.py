@@ -121,20 +121,25 @@ def run_configuration(name: str, root: Path, args: argparse.Namespace, device: t
     options = dict(CONFIGURATIONS[name])
     cached = options.pop("cache", False)
     cache = tempfile.TemporaryDirectory(prefix="loader-cache-", ignore_cleanup_errors=True) if cached else None
-    dm = StreetHazardsDataModule(
-        root=str(root),
-        image_size=tuple(args.image_size),
-        test_native_resolution=args.test_size is None,
-        test_image_size=tuple(args.test_size) if args.test_size is not None else None,
-        batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size,
-        num_workers=args.workers,
-        scale_range=(0.5, 2.0),
-        cache_dir=cache.name if cache is not None else None,
-        **options,
-    )
-    dm.setup("fit")
-    dm.setup("test")
+
+    def datamodule(workers: int | None) -> StreetHazardsDataModule:
+        dm = StreetHazardsDataModule(
+            root=str(root),
+            image_size=tuple(args.image_size),
+            test_native_resolution=args.test_size is None,
+            test_image_size=tuple(args.test_size) if args.test_size is not None else None,
+            batch_size=args.batch_size,
+            eval_batch_size=args.eval_batch_size,
+            num_workers=workers,
+            scale_range=(0.5, 2.0),
+            cache_dir=cache.name if cache is not None else None,
+            **options,
+        )
+        dm.setup("fit")
+        dm.setup("test")
+        return dm
+
+    dm = datamodule(args.workers)
     row: dict[str, Any] = {"configuration": name, "workers": dm.loader_workers(), **CONFIGURATIONS[name]}
     train = dm.train_dataloader()
     if cache is not None:
@@ -147,9 +152,29 @@ def run_configuration(name: str, root: Path, args: argparse.Namespace, device: t
         row["test_images_per_s"] = float("nan")  # the test split is read once: it is not cached
     del train, dm
     gc.collect()  # stops the persistent workers (which may still be writing to the cache)
+    if args.cpu_time:
+        # CPU time per image, all in this process (no workers): what each worker core spends, which
+        # other jobs on the machine disturb far less than the wall-clock rates above
+        single = datamodule(0)
+        row["train_cpu_ms"] = cpu_ms_per_image(single.train_dataloader(), args.cpu_batches, device)
+        row["test_cpu_ms"] = (
+            cpu_ms_per_image(single.test_dataloader(), args.cpu_batches, device) if cache is None else float("nan")
+        )
     if cache is not None:
         cache.cleanup()
     return row
+
+
+def cpu_ms_per_image(loader: Any, batches: int, device: torch.device) -> float:
+    """CPU milliseconds per image of this process over ``batches`` batches after one untimed batch."""
+    stream = endless(loader)
+    prepare_batch(next(stream), device)
+    start, images = time.process_time(), 0
+    for _ in range(batches):
+        images += prepare_batch(next(stream), device)["image"].shape[0]
+    synchronize(device)
+    stream.close()
+    return 1e3 * (time.process_time() - start) / images
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--configs", nargs="+", choices=list(CONFIGURATIONS), default=list(CONFIGURATIONS), help="default: all"
     )
+    parser.add_argument(
+        "--cpu-time", action="store_true", help="also CPU ms per image, measured in this process without workers"
+    )
+    parser.add_argument("--cpu-batches", type=int, default=4, help="batches of the CPU-time pass (default: 4)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     return parser
 
@@ -198,8 +227,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"delivered normalized on {device}"
     )
     before = next((r for r in rows if r["configuration"] == "before"), None)
-    print("| configuration | decoder | normalized on | cache | train images/s | test images/s |")
-    print("|---|---|---|---|---|---|")
+    cpu = args.cpu_time
+    print(
+        "| configuration | decoder | normalized on | cache | train images/s | test images/s |"
+        + (" train CPU ms/image | test CPU ms/image |" if cpu else "")
+    )
+    print("|---|---|---|---|---|---|" + ("---|---|" if cpu else ""))
     for row in rows:
         cells = []
         for key in ("train_images_per_s", "test_images_per_s"):
@@ -210,7 +243,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             cells.append(text)
         where = str(device) if row["normalize_on_device"] else "workers"
         cache = "yes (2nd epoch on)" if row.get("cache") else "no"
-        print(f"| {row['configuration']} | {row['decoder']} | {where} | {cache} | {cells[0]} | {cells[1]} |")
+        line = f"| {row['configuration']} | {row['decoder']} | {where} | {cache} | {cells[0]} | {cells[1]} |"
+        if cpu:
+            line += "".join(
+                f" {row[k]:.1f} |" if row[k] == row[k] else " n/a |" for k in ("train_cpu_ms", "test_cpu_ms")
+            )
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
