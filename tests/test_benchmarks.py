@@ -65,7 +65,7 @@ def test_training_throughput_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> 
         assert row[2] == ("32-true (TF32 off)" if row[1] == "fp32" else "bf16-mixed")
         assert all(positive_finite(cell) for cell in row[4:7]), row  # images/s, ms/step, speedup
     assert all(r["images_per_s"] > 0 for r in returned)
-    assert "torch " + torch.__version__ in output and "FRE trains the same network" in output
+    assert "torch " + torch.__version__ in output and "FRE and kNN score SML's network" in output
 
 
 def test_test_throughput_runs_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
