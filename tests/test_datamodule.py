@@ -435,6 +435,7 @@ def test_worker_count_from_the_available_cpus(release_root: Path, monkeypatch: p
     assert [default_num_workers(1, cpus) for cpus in (1, 2, 16, 64)] == [0, 1, 15, 16]
     assert default_num_workers(4, cpus=16) == 3  # four training processes on the node share the CPUs
     monkeypatch.setattr(streethazards, "available_cpus", lambda: 6)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     dm = make_dm(release_root, num_workers=None)
     dm.setup("test")
     assert dm.test_dataloader().num_workers == 5
