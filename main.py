@@ -30,7 +30,7 @@ from callbacks.protocol import resolve_presets
 from callbacks.visualization import AnomalyHeatmapLogger
 from datamodules.io import atomic_open, atomic_write_json, atomic_write_text
 from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IMAGE_MEAN, IMAGE_STD, colorize
-from datamodules.streethazards import StreetHazardsDataModule
+from datamodules.streethazards import StreetHazardsDataModule, prepare_batch
 from lightning_modules.base import AnomalySegmentationModule
 from lightning_modules.checkpoints import (
     AtomicCheckpointIO,
@@ -400,6 +400,7 @@ def _examples(model: Any, datamodule: Any, count: int) -> list[dict[str, np.ndar
     examples: list[dict[str, np.ndarray]] = []
     model.eval()
     for batch in datamodule.test_dataloader():
+        batch = prepare_batch(batch)  # the loaders ship uint8: normalize as the Trainer's transfer would
         for i in range(batch["image"].shape[0]):
             if len(examples) >= count:
                 return examples

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
+from collections.abc import Iterator
 
 import torch
 
@@ -48,3 +50,19 @@ def print_device_header(device: torch.device) -> None:
             f"fp32 settings: cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, "
             f"float32_matmul_precision={torch.get_float32_matmul_precision()}"
         )
+
+
+@contextlib.contextmanager
+def tf32(allowed: bool | None) -> Iterator[None]:
+    """TF32 for cuDNN convolutions and CUDA matmuls on (``True``) or off (``False``) inside the
+    block, restored afterwards; ``None`` leaves torch's settings as they are. cuDNN allows TF32 by
+    default, so a plain ``32-true`` run on Ampere or newer convolves in TF32, not fp32."""
+    if allowed is None:
+        yield
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -38,7 +38,7 @@ from benchmarks.common import print_device_header, select_device, synchronize  #
 from callbacks.evaluation import resize_to  # noqa: E402
 from callbacks.metrics import AnomalyMetrics  # noqa: E402
 from datamodules.labels import NUM_CLASSES  # noqa: E402
-from datamodules.streethazards import DEFAULT_ROOT, StreetHazardsDataModule  # noqa: E402
+from datamodules.streethazards import DEFAULT_ROOT, StreetHazardsDataModule, prepare_batch  # noqa: E402
 from datamodules.synthetic import write_synthetic_streethazards  # noqa: E402
 from lightning_modules.checkpoints import load_checkpoint_file  # noqa: E402
 from lightning_modules.knn import KNNSegmenter, nearest_distances  # noqa: E402
@@ -190,7 +190,8 @@ def heldout_options(args: argparse.Namespace, device: torch.device) -> None:
     segment_seconds, images = 0.0, 0
     with torch.no_grad():
         for batch in data.test_dataloader():
-            image, mask = batch["image"].to(device), batch["mask"].to(device)
+            batch = prepare_batch(batch, device)  # uint8 from the loader: normalized on the device
+            image, mask = batch["image"], batch["mask"]
             synchronize(device)
             start = time.perf_counter()
             models[0].segment(image)

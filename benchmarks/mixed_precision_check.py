@@ -7,6 +7,7 @@ method tested with the evaluation callback) once in fp32 (``32-true``) and once 
 ``<output-dir>/fp32`` and ``<output-dir>/<precision>``. Training is not bitwise reproducible
 across precisions, so "equal" means "within the run-to-run spread": ``--seed-runs`` more fp32
 runs with other seeds (``seed_everything`` 1, 2, ...) measure that spread on the same device.
+For the precision alone, one checkpoint scored in both, see ``precision_scoring_check.py``.
 
     python benchmarks/mixed_precision_check.py                   # one GPU: demo configs, bf16-mixed, 1 seed run
     python benchmarks/mixed_precision_check.py --precision 16-mixed --epochs 10
@@ -35,10 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import parse_bool, print_device_header, select_device  # noqa: E402
+from datamodules.streethazards import SyntheticConfig  # noqa: E402
 from datamodules.synthetic import write_synthetic_streethazards  # noqa: E402
 from main import compare  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+EMBEDDED = SyntheticConfig()  # the embedded set's sizes, which the demo configs train on
 KEYS = (("aupr", "AUPR"), ("auroc", "AUROC"), ("fpr95", "FPR95"), ("miou", "mIoU"))
 
 
@@ -113,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs=3,
         metavar=("TRAIN", "VAL", "TEST"),
-        default=(200, 40, 60),
-        help="images of a synthetic dataset written to a missing --data-root (default: the embedded 200 40 60)",
+        default=(EMBEDDED.num_train, EMBEDDED.num_val, EMBEDDED.num_test),
+        help="images of a synthetic dataset written to a missing --data-root (default: the embedded set's, "
+        f"{EMBEDDED.num_train} {EMBEDDED.num_val} {EMBEDDED.num_test})",
     )
     parser.add_argument("--seed-runs", type=int, default=1, help="extra fp32 runs with seeds 1..N (default: 1)")
     parser.add_argument(
@@ -141,9 +145,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.channels_last is None:
         args.channels_last = device.type == "cuda"
     if args.data_root is not None and not Path(args.data_root).exists():
-        size = tuple(args.image_size) if args.image_size is not None else (180, 320)
+        size = tuple(args.image_size) if args.image_size is not None else (EMBEDDED.height, EMBEDDED.width)
         print(f"writing a synthetic dataset ({'/'.join(map(str, args.synthetic_counts))} images) to {args.data_root}")
-        write_synthetic_streethazards(args.data_root, *args.synthetic_counts, image_size=size)
+        write_synthetic_streethazards(args.data_root, *args.synthetic_counts, image_size=size, seed=EMBEDDED.seed)
 
     fp32 = run("fp32", "32-true", None, args, device)
     mixed = run(args.precision, args.precision, None, args, device)

@@ -38,7 +38,12 @@ from callbacks.evaluation import resize_to  # noqa: E402
 from callbacks.metrics import AnomalyMetrics  # noqa: E402
 from datamodules.io import atomic_write_json  # noqa: E402
 from datamodules.labels import NUM_CLASSES  # noqa: E402
-from datamodules.streethazards import DEFAULT_ROOT, StreetHazardsDataError, StreetHazardsDataModule  # noqa: E402
+from datamodules.streethazards import (  # noqa: E402
+    DEFAULT_ROOT,
+    StreetHazardsDataError,
+    StreetHazardsDataModule,
+    prepare_batch,
+)
 from datamodules.synthetic import write_synthetic_streethazards  # noqa: E402
 from lightning_modules.checkpoints import CheckpointError, load_checkpoint_file  # noqa: E402
 from lightning_modules.scoring.sml import sml_anomaly_score  # noqa: E402
@@ -152,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     start = time.perf_counter()
     with torch.no_grad():
         for batch in loader:
-            image, mask = batch["image"].to(device), batch["mask"].to(device)
+            batch = prepare_batch(batch, device)  # uint8 from the loader: normalized on the device
+            image, mask = batch["image"], batch["mask"]
             logits = model(image)
             for point, metric in metrics.items():
                 means, stds = model.sml.means.float(), model.sml.stds.float()

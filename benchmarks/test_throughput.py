@@ -6,19 +6,23 @@ method from its real-data configs
 (``configs/trainer/gpu.yaml`` or ``cpu.yaml``), so the callbacks are the command's own
 (``AnomalyEvaluation`` with every score's metrics and ``metrics.json``, the heatmap logger with
 TensorBoard), and the ``StreetHazardsDataModule`` reads and decodes PNGs with ``--num-workers``
-workers. Only the precision, batch size, workers and ``encoder_weights=null`` (nothing is
-downloaded) are set here.
+workers (default: the datamodule's count from the CPUs). Only the precision, batch size, workers
+and ``encoder_weights=null`` (nothing is downloaded) are set here.
 
-    python benchmarks/test_throughput.py                          # H100 defaults: 1500 images at 720x1280
-    python benchmarks/test_throughput.py --num-test 64            # a quicker look (extrapolated to 1500)
+    python -m datamodules.synthetic /data/sh-bench --height 720 --width 1280 --num-train 8 \\
+        --num-val 1 --num-test 1500                                # once, before the GPU lease
+    python benchmarks/test_throughput.py --data-root /data/sh-bench  # the whole 1500-image split
+    python benchmarks/test_throughput.py                          # 64 images written to /tmp, extrapolated
     python benchmarks/test_throughput.py --checkpoint sml=outputs/streethazards/sml/run/checkpoints/last.ckpt
     python benchmarks/test_throughput.py --device cpu --height 90 --width 160 --num-test 8 --num-train 2 \\
         --batch-size 2 --num-workers 0 --encoder resnet18         # a CPU smoke run
 
-The data: a synthetic StreetHazards-format dataset at the requested size, written once into
-``--data-root`` (default: a cache folder under /tmp named after its size) and reused; its writing
-time is not part of any figure. ``--data-root`` may also point at a real StreetHazards folder
-(then the untimed statistics are fitted on its whole training split, 5125 images, first).
+The data: a prepared folder (``--data-root``: a synthetic set written beforehand, or a real
+StreetHazards folder, whose untimed statistics are then fitted on its whole training split, 5125
+images, first). A missing ``--data-root`` (default: a cache folder under /tmp named after its size)
+gets a synthetic set of ``--num-test`` images written first: 64 by default, since writing 1500
+720x1280 PNGs takes about a minute of a GPU lease; the writing time is printed and not part of
+any figure, and the time for 1500 images is extrapolated.
 Networks are randomly initialised (the cost of a forward pass does not depend on the weights)
 unless ``--checkpoint method=PATH`` gives one (loaded as ``model.init_args.init_checkpoint``).
 
@@ -152,9 +156,10 @@ def cli_args(method: str, args: argparse.Namespace, device: torch.device, root: 
         # The training-split size: used only by the post-hoc statistics here, which need no crops.
         f"--data.image_size=[{args.height}, {args.width}]",
         f"--data.eval_batch_size={args.batch_size}",
-        f"--data.num_workers={args.num_workers}",
         "--model.init_args.encoder_weights=null",
     ]
+    if args.num_workers is not None:
+        argv.append(f"--data.num_workers={args.num_workers}")
     if device.type == "cuda" and device.index is not None:
         argv.append(f"--trainer.devices=[{device.index}]")
     if args.encoder is not None:
@@ -244,13 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=720, help="test image height (default: 720, native)")
     parser.add_argument("--width", type=int, default=1280, help="test image width (default: 1280, native)")
     parser.add_argument(
-        "--num-test", type=int, default=FULL_TEST_SPLIT, help="synthetic test images (default: 1500, the whole split)"
+        "--num-test",
+        type=int,
+        default=64,
+        help="test images of a synthetic set written when --data-root is missing"
+        " (default: 64; the real split has 1500)",
     )
     parser.add_argument("--num-train", type=int, default=8, help="synthetic training images (default: 8)")
     parser.add_argument("--data-root", default=None, help="dataset folder, written if missing (default: under /tmp)")
     parser.add_argument("--write-workers", type=int, default=None, help="processes writing the dataset (default: all)")
     parser.add_argument("--batch-size", type=int, default=4, help="test batch size (default: 4, the configs')")
-    parser.add_argument("--num-workers", type=int, default=8, help="data loader workers (default: 8, the configs')")
+    parser.add_argument("--num-workers", type=int, default=None, help="loader workers (default: from the CPUs)")
     parser.add_argument(
         "--precision", default=None, help="trainer precision (default: bf16-mixed on cuda, 32-true on cpu)"
     )
@@ -290,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     out = Path(tmp.name if tmp is not None else args.output_dir)
     print_device_header(device)
     note = f"written in {written:.1f} s, not timed" if written is not None else "reused"
-    print(f"data: {root} ({num_test} test images, {note}); batch {args.batch_size}, {args.num_workers} workers")
+    workers = args.num_workers if args.num_workers is not None else "auto"
+    print(f"data: {root} ({num_test} test images, {note}); batch {args.batch_size}, {workers} workers")
     rows = []
     with warnings.catch_warnings():
         # Random networks predict few classes: the statistics warn about the others, which is

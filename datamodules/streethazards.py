@@ -22,7 +22,7 @@ import logging
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image, UnidentifiedImageError
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.io import atomic_write_text
@@ -186,6 +187,16 @@ def list_split(root: str | os.PathLike[str], split: str) -> list[Sample]:
 
 
 # ----------------------------------------------------------------------------- decoding
+#: Image decoders. OpenCV decodes the released 720x1280 RGBA PNGs about 1.5x faster than Pillow
+#: (``benchmarks/loader_throughput.py``) and gives the same pixels; Pillow remains as an option
+#: and is what names the problem whenever OpenCV cannot read a file.
+DECODERS = ("cv2", "pil")
+# RGB straight from the decoder (OpenCV >= 4.11; older versions convert from BGR), EXIF
+# orientation ignored as Pillow does.
+_CV2_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_CV2_FLAGS = (cv2.IMREAD_COLOR if _CV2_RGB is None else _CV2_RGB) | cv2.IMREAD_IGNORE_ORIENTATION
+
+
 def _open_png(path: Path) -> Image.Image:
     try:
         image = Image.open(path)
@@ -197,8 +208,23 @@ def _open_png(path: Path) -> Image.Image:
     return image
 
 
-def load_image(path: Path) -> np.ndarray:
-    """RGB uint8 [H, W, 3]; the released PNGs are RGBA and the alpha channel is dropped."""
+def check_decoder(decoder: str) -> str:
+    if decoder not in DECODERS:
+        raise StreetHazardsDataError(f"decoder must be one of {', '.join(DECODERS)}, got '{decoder}'")
+    return decoder
+
+
+def load_image(path: Path, decoder: str = "cv2") -> np.ndarray:
+    """RGB uint8 [H, W, 3]; the released PNGs are RGBA and the alpha channel is dropped.
+
+    Any colour type (grey, palette, RGB, RGBA, with or without alpha) gives 8-bit RGB with either
+    decoder. A file OpenCV cannot read (missing, truncated, not an image) goes to Pillow, which
+    reads it or raises ``StreetHazardsDataError`` saying what is wrong.
+    """
+    if decoder == "cv2" and os.path.isfile(path):  # a missing file would make OpenCV print a warning
+        image = cv2.imread(os.fspath(path), _CV2_FLAGS)
+        if image is not None and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+            return image if _CV2_RGB is not None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     image = _open_png(path)
     if image.mode not in ("RGBA", "RGB"):
         image = image.convert("RGB")
@@ -234,12 +260,155 @@ def label_lookup(ignore_unlabeled: bool) -> np.ndarray:
     return lut
 
 
-# ----------------------------------------------------------------------------- dataset
-def _normalize(image: np.ndarray) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
-    return tensor.sub_(mean).div_(std)
+# ----------------------------------------------------------------------------- tensors
+#: Batch entries that hold labels: uint8 from the loaders, ``long`` in the data contract.
+MASK_KEYS = ("mask", "mask_clean")
+_NORMALIZATION: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+
+def _image_tensor(image: np.ndarray) -> Tensor:
+    """uint8 [H, W, 3] array -> uint8 [3, H, W] tensor (a view: no copy of a contiguous array)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+
+
+def normalize_image(image: Tensor) -> Tensor:
+    """uint8 RGB [..., 3, H, W] -> float32 ImageNet-normalized, on the tensor's own device.
+
+    The same operations, in the same order, as the loaders applied per image before images were
+    shipped as uint8, so a CPU run gives bit-identical inputs to what it gave then.
+    """
+    device = image.device
+    if device not in _NORMALIZATION:  # made once per device: no host-to-device copy per batch
+        mean = torch.tensor(IMAGE_MEAN, device=device).view(3, 1, 1)
+        std = torch.tensor(IMAGE_STD, device=device).view(3, 1, 1)
+        _NORMALIZATION[device] = (mean, std)
+    mean, std = _NORMALIZATION[device]
+    return image.float().div_(255.0).sub_(mean).div_(std)
+
+
+def prepare_batch(batch: Mapping[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+    """A loader's batch in the data contract, on ``device`` (where it is, when ``None``).
+
+    The datamodule's loaders ship ``image`` as uint8 [B, 3, H, W] and the masks as uint8 (a
+    quarter and an eighth of the bytes); this makes ``image`` ImageNet-normalized float32 and the
+    masks ``long``, after the move, so the work runs on the accelerator. Entries already in the
+    contract (float images, long masks) pass unchanged. ``StreetHazardsDataModule`` calls it in
+    ``on_after_batch_transfer``; code that iterates a loader itself calls it on each batch.
+    """
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            if device is not None:
+                value = value.to(device, non_blocking=True)
+            if value.dtype == torch.uint8:
+                if key == "image":
+                    value = normalize_image(value)
+                elif key in MASK_KEYS:
+                    value = value.long()
+        out[key] = value
+    return out
+
+
+class DeviceBatches:
+    """Iterates ``loader`` and yields each batch ``prepare_batch``-ed on ``device``.
+
+    For loops outside the Trainer (the post-hoc pass): they move batches themselves and would
+    otherwise receive the loaders' uint8 images. ``dataset`` and ``len`` are the loader's.
+    """
+
+    def __init__(self, loader: DataLoader, device: torch.device | str | None = None) -> None:
+        self.loader, self.device = loader, device
+        self.dataset = loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            yield prepare_batch(batch, self.device)
+
+
+# ----------------------------------------------------------------------------- cache
+class DecodedImageCache:
+    """Decoded, checked, label-mapped and resized samples as ``.npy`` files in ``folder``.
+
+    One file per sample holds uint8 [H, W, 4]: RGB and the training label, exactly what
+    ``StreetHazardsDataset.load`` returns, so reading it replaces a PNG decode, the label checks
+    and the resize (about 1 ms against 40 for a 720x1280 PNG). The key covers the image and
+    annotation paths, their sizes and modification times, the resize and the label mapping: a
+    changed file or option is a miss, never a stale hit. Files are written atomically; a cache
+    shared by many workers (or runs) is safe to read while it is written. The total is bounded by
+    ``max_bytes``: each process rescans the folder every ``rescan_every`` writes and stops writing
+    once the folder holds ``max_bytes``, so workers writing at once can overshoot it by at most
+    ``rescan_every`` files each. Nothing is evicted; delete the folder to clear it.
+    """
+
+    VERSION = 1
+    SUFFIX = ".npy"
+
+    def __init__(self, folder: str | os.PathLike[str], max_bytes: int, rescan_every: int = 32) -> None:
+        self.folder = Path(folder)
+        self.max_bytes = int(max_bytes)
+        self.rescan_every = rescan_every
+        self._used: int | None = None  # bytes in the folder as this process last saw it
+        self._writes_since_scan = 0
+        self.hits = self.misses = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_used"], state["_writes_since_scan"] = None, 0  # each worker scans for itself
+        return state
+
+    def key(self, sample: Sample, image_size: tuple[int, int] | None, lut: np.ndarray) -> str:
+        parts = [str(self.VERSION), repr(image_size), lut.tobytes().hex()]
+        for path in (sample.image, sample.annotation):
+            assert path is not None
+            stat = os.stat(path)
+            parts += [os.path.abspath(path), str(stat.st_size), str(stat.st_mtime_ns)]
+        return hashlib.sha1("\0".join(parts).encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / (key + self.SUFFIX)
+
+    def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        try:
+            stacked = np.load(self._path(key), allow_pickle=False)
+        except (OSError, ValueError):  # absent, or unreadable: decode again (and rewrite)
+            self.misses += 1
+            return None
+        if stacked.dtype != np.uint8 or stacked.ndim != 3 or stacked.shape[2] != 4:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return np.ascontiguousarray(stacked[..., :3]), np.ascontiguousarray(stacked[..., 3])
+
+    def used_bytes(self) -> int:
+        if not self.folder.is_dir():
+            return 0
+        return sum(entry.stat().st_size for entry in self.folder.glob(f"*/*{self.SUFFIX}"))
+
+    def put(self, key: str, image: np.ndarray, mask: np.ndarray) -> bool:
+        """Store one sample unless the cache is full; whether it was stored."""
+        if self._used is None or self._writes_since_scan >= self.rescan_every:
+            self._used, self._writes_since_scan = self.used_bytes(), 0
+        stacked = np.concatenate([image, mask[..., None]], axis=2)
+        if self._used + stacked.nbytes > self.max_bytes:
+            return False
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(temporary, "wb") as handle:
+                np.save(handle, stacked, allow_pickle=False)
+            os.replace(temporary, path)
+        except OSError as error:  # a full or read-only disk must not stop training
+            temporary.unlink(missing_ok=True)
+            log.warning("decoded-image cache: could not write %s (%s); reading PNGs instead", path, error)
+            self.max_bytes = 0
+            return False
+        self._used += stacked.nbytes + 128
+        self._writes_since_scan += 1
+        return True
 
 
 def train_augmentation(
@@ -281,7 +450,10 @@ class StreetHazardsDataset(Dataset):
     """One split of StreetHazards; items are dicts in the data contract.
 
     ``image`` float [3, H, W] (ImageNet-normalized), ``mask`` long [H, W], ``name`` the file stem,
-    and with an ``injector`` also ``mask_clean`` (the label before outliers were pasted).
+    and with an ``injector`` also ``mask_clean`` (the label before outliers were pasted). With
+    ``normalize=False``, ``image`` is uint8 RGB [3, H, W] and the masks uint8, for
+    ``prepare_batch`` to finish on the device. ``decoder``: 'cv2' or 'pil' (``load_image``);
+    ``cache``: an optional ``DecodedImageCache`` of what ``load`` returns.
     """
 
     def __init__(
@@ -294,9 +466,15 @@ class StreetHazardsDataset(Dataset):
         augment: A.Compose | None = None,
         injector: Injector | None = None,
         seed: int = 0,
+        normalize: bool = True,
+        decoder: str = "cv2",
+        cache: DecodedImageCache | None = None,
     ) -> None:
         if zero_label not in ("error", "ignore"):
             raise StreetHazardsDataError(f"zero_label must be 'error' or 'ignore', got '{zero_label}'")
+        self.decoder = check_decoder(decoder)
+        self.normalize = normalize
+        self.cache = cache
         self.samples = list(samples)
         self.image_size = tuple(image_size) if image_size is not None else None
         self.zero_label = zero_label
@@ -312,8 +490,19 @@ class StreetHazardsDataset(Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Decoded, checked, label-shifted and resized arrays: RGB uint8 [H,W,3], labels uint8 [H,W]."""
+        if self.cache is None:
+            return self._decode(index)
+        key = self.cache.key(self.samples[index], self.image_size, self.lut)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        image, mask = self._decode(index)
+        self.cache.put(key, image, mask)
+        return image, mask
+
+    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         sample = self.samples[index]
-        image = load_image(sample.image)
+        image = load_image(sample.image, self.decoder)
         assert sample.annotation is not None
         raw = load_raw_annotation(sample.annotation)
         if raw.shape != image.shape[:2]:
@@ -358,11 +547,11 @@ class StreetHazardsDataset(Dataset):
                 targets["mask_clean"] = mask_clean
             out = self.augment(**targets)
             image, mask, mask_clean = out["image"], out["mask"], out.get("mask_clean")
-        item["image"] = _normalize(image)
-        item["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).long()
+        item["image"] = _image_tensor(image)
+        item["mask"] = torch.from_numpy(np.ascontiguousarray(mask))
         if mask_clean is not None:
-            item["mask_clean"] = torch.from_numpy(np.ascontiguousarray(mask_clean)).long()
-        return item
+            item["mask_clean"] = torch.from_numpy(np.ascontiguousarray(mask_clean))
+        return prepare_batch(item) if self.normalize else item
 
 
 def augmentation_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -437,7 +626,15 @@ class ResumableDataLoader(DataLoader):
 class ImageFolderDataset(Dataset):
     """Images of any size from a folder, for ``predict``; no labels."""
 
-    def __init__(self, folder: str | os.PathLike[str], image_size: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        image_size: tuple[int, int] | None = None,
+        normalize: bool = True,
+        decoder: str = "cv2",
+    ) -> None:
+        self.decoder = check_decoder(decoder)
+        self.normalize = normalize
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise StreetHazardsDataError(f"predict_dir '{self.folder}' does not exist or is not a folder")
@@ -451,18 +648,34 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
-        image = load_image(path)
+        image = load_image(path, self.decoder)
         height, width = image.shape[:2]
         if self.image_size is not None and image.shape[:2] != self.image_size:
             image = cv2.resize(image, (self.image_size[1], self.image_size[0]), interpolation=cv2.INTER_LINEAR)
-        return {
-            "image": _normalize(image),
+        item = {
+            "image": _image_tensor(image),
             "name": str(path.relative_to(self.folder).with_suffix("")),
             "original_size": torch.tensor([height, width]),
         }
+        return prepare_batch(item) if self.normalize else item
 
 
 # ----------------------------------------------------------------------------- datamodule
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (set by SLURM, taskset, containers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_num_workers(processes_per_node: int = 1, cpus: int | None = None) -> int:
+    """Loader workers per process: the node's available CPUs shared among its training processes,
+    less one for each process itself, at most 16 (0 on a single CPU: load in the process)."""
+    cpus = available_cpus() if cpus is None else cpus
+    return max(0, min(16, cpus // max(1, processes_per_node) - 1))
+
+
 @dataclass
 class SyntheticConfig:
     """Size of the embedded synthetic dataset written when ``root`` is the default and missing."""
@@ -512,7 +725,9 @@ class StreetHazardsDataModule(L.LightningDataModule):
             ``image_size`` / ``test_image_size`` (the published protocol).
         batch_size: training batch size; ``eval_batch_size`` for validation/test/predict
             (defaults to ``batch_size``).
-        num_workers: dataloader workers.
+        num_workers: dataloader workers per process; ``None`` (the default): ``default_num_workers``,
+            from the CPUs this process may use (its affinity mask, which SLURM and containers set)
+            shared among the node's training processes.
         ignore_unlabeled: False: 13 classes (reference protocol, unlabeled is class 0); True:
             unlabeled becomes 255 and 12 classes remain.
         zero_label: raw annotation value 0 is not part of the release; 'error' rejects it,
@@ -530,6 +745,19 @@ class StreetHazardsDataModule(L.LightningDataModule):
         predict_dir: folder of images for ``predict``; images of any size.
         predict_image_size: resize for ``predict``; ``None`` keeps each image's size (batch size 1).
         synthetic: size of the embedded dataset written when ``root`` is the default.
+        decoder: 'cv2' (OpenCV, the faster) or 'pil' (Pillow) for the image PNGs/JPEGs.
+        normalize_on_device: the loaders ship uint8 images and masks and the batch is normalized
+            (float32, ImageNet mean/std; masks to ``long``) after it reaches the device, in
+            ``on_after_batch_transfer``: a quarter of the bytes through worker IPC, pinning and
+            host-to-device copies, and no float work on the CPUs. ``False``: the workers normalize.
+        cache_dir: keep decoded, resized training and validation samples there (``.npy``, uint8;
+            720x1280 -> 512x896 is 1.8 MB a sample, 11 GB for both splits) and read them instead of
+            the PNGs from the second epoch on; ``None`` disables. Local disk or ``/dev/shm``;
+            shared safely by workers and runs; see ``DecodedImageCache``.
+        cache_max_gb: bound on the cache folder's size; samples beyond it are decoded every time.
+        posthoc_at_test_size: fit post-hoc statistics (SML, FRE, kNN bank, prototypes) on training
+            images at the test split's size (``test_image_size`` / native) rather than at
+            ``image_size``: the statistics then describe the resolution they are applied at.
     """
 
     def __init__(
@@ -540,7 +768,7 @@ class StreetHazardsDataModule(L.LightningDataModule):
         test_native_resolution: bool = False,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         ignore_unlabeled: bool = False,
         zero_label: str = "error",
         train_augment: bool = True,
@@ -551,13 +779,22 @@ class StreetHazardsDataModule(L.LightningDataModule):
         predict_dir: str | None = None,
         predict_image_size: tuple[int, int] | None = None,
         synthetic: SyntheticConfig | None = None,
+        decoder: str = "cv2",
+        normalize_on_device: bool = True,
+        cache_dir: str | None = None,
+        cache_max_gb: float = 32.0,
+        posthoc_at_test_size: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if batch_size < 1:
             raise StreetHazardsDataError(f"data.batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise StreetHazardsDataError(f"data.num_workers must be >= 0, got {num_workers}")
+        if num_workers is not None and num_workers < 0:
+            raise StreetHazardsDataError(f"data.num_workers must be >= 0 (or null: from the CPUs), got {num_workers}")
+        if decoder not in DECODERS:
+            raise StreetHazardsDataError(f"data.decoder must be one of {', '.join(DECODERS)}, got '{decoder}'")
+        if cache_max_gb < 0:
+            raise StreetHazardsDataError(f"data.cache_max_gb must be >= 0, got {cache_max_gb}")
         self.root = Path(root)
         self.image_size = tuple(image_size) if image_size is not None else None
         self.test_image_size = tuple(test_image_size) if test_image_size is not None else self.image_size
@@ -576,8 +813,14 @@ class StreetHazardsDataModule(L.LightningDataModule):
         self.predict_dir = predict_dir
         self.predict_image_size = predict_image_size
         self.synthetic = synthetic or SyntheticConfig()
+        self.decoder = decoder
+        self.normalize_on_device = normalize_on_device
+        self.cache = DecodedImageCache(cache_dir, int(cache_max_gb * 2**30)) if cache_dir else None
+        self.posthoc_at_test_size = posthoc_at_test_size
         self.datasets: dict[str, Dataset] = {}
         self._resume_at: dict[str, int] | None = None
+        self._cudnn_benchmark: bool | None = None  # trainer.benchmark, while predict turns it off
+        self._logged_workers: int | None = None
 
     # -- what models and callbacks need to know
     @property
@@ -658,6 +901,8 @@ class StreetHazardsDataModule(L.LightningDataModule):
             list_split(self.root, split),
             ignore_unlabeled=self.ignore_unlabeled,
             zero_label=self.zero_label,
+            normalize=not self.normalize_on_device,
+            decoder=self.decoder,
             **kwargs,
         )
 
@@ -680,9 +925,10 @@ class StreetHazardsDataModule(L.LightningDataModule):
                 injector=self._build_injector(),
                 anomaly_to_ignore=True,
                 seed=self.seed,
+                cache=self.cache,
             )
         if stage in (None, "fit", "validate"):
-            self.datasets["val"] = self._dataset("val", image_size=self.image_size)
+            self.datasets["val"] = self._dataset("val", image_size=self.image_size, cache=self.cache)
         if stage in (None, "test"):
             self.datasets["test"] = self._dataset("test", image_size=self.test_image_size)
             if self.calibration is not None:
@@ -698,7 +944,21 @@ class StreetHazardsDataModule(L.LightningDataModule):
         if stage == "predict":
             if self.predict_dir is None:
                 raise StreetHazardsDataError("predict needs data.predict_dir: a folder of images")
-            self.datasets["predict"] = ImageFolderDataset(self.predict_dir, self.predict_image_size)
+            self.datasets["predict"] = ImageFolderDataset(
+                self.predict_dir, self.predict_image_size, normalize=not self.normalize_on_device, decoder=self.decoder
+            )
+            if self.predict_image_size is None and torch.backends.cudnn.benchmark:
+                # Images keep their own sizes: cuDNN would autotune again for every new one.
+                log.info("predict on images of their own sizes: cuDNN autotuning (trainer.benchmark) is off for it")
+                self._cudnn_benchmark, torch.backends.cudnn.benchmark = True, False
+
+    def teardown(self, stage: str) -> None:
+        if stage == "predict" and self._cudnn_benchmark is not None:
+            torch.backends.cudnn.benchmark, self._cudnn_benchmark = self._cudnn_benchmark, None
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalize on the device the batch was moved to (see ``normalize_on_device``)."""
+        return prepare_batch(batch) if isinstance(batch, Mapping) else batch
 
     def _crop_size(self) -> tuple[int, int]:
         if self.image_size is not None:
@@ -707,11 +967,27 @@ class StreetHazardsDataModule(L.LightningDataModule):
         return image.shape[0], image.shape[1]
 
     # -- loaders
+    def loader_workers(self) -> int:
+        """``num_workers``, or when it is ``None`` the count ``default_num_workers`` gives for this node."""
+        if self.num_workers is not None:
+            return self.num_workers
+        trainer = getattr(self, "trainer", None)
+        processes = trainer.num_devices if trainer is not None else int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        workers = default_num_workers(processes)
+        if self._logged_workers != workers:
+            self._logged_workers = workers
+            log.info(
+                "data.num_workers: %d per process (%d CPUs available, %d process(es) on this node)",
+                workers, available_cpus(), processes,
+            )  # fmt: skip
+        return workers
+
     def _loader_options(self) -> dict[str, Any]:
+        workers = self.loader_workers()
         return {
-            "num_workers": self.num_workers,
+            "num_workers": workers,
             "pin_memory": torch.cuda.is_available(),
-            "persistent_workers": self.num_workers > 0,
+            "persistent_workers": workers > 0,
             # Its own generator: creating an iterator draws nothing from the global RNG, so the
             # workers' seeds do not depend on what the model drew before (nor the reverse).
             "generator": torch.Generator().manual_seed(self.seed),
@@ -798,13 +1074,20 @@ class StreetHazardsDataModule(L.LightningDataModule):
         batch_size = self.eval_batch_size if self.predict_image_size is not None else 1
         return self._eval_loader(dataset, batch_size)
 
-    def posthoc_dataloader(self) -> DataLoader:
+    def posthoc_dataloader(self) -> DataLoader | DeviceBatches:
         """The training split without augmentation or injection, sharded without repeats.
 
-        Post-hoc statistics (SML, FRE, prototypes) are fitted on it after training.
+        Post-hoc statistics (SML, FRE, prototypes) are fitted on it after training, at
+        ``image_size`` or, with ``posthoc_at_test_size``, at the test split's size. The fit
+        iterates it outside the Trainer's batch transfer, so with ``normalize_on_device`` its
+        batches come moved to the trainer's device (the CPU without a trainer) and normalized.
         """
-        dataset = self._dataset("train", image_size=self.image_size, anomaly_to_ignore=True)
-        return self._eval_loader(dataset)
+        size = self.test_image_size if self.posthoc_at_test_size else self.image_size
+        loader = self._eval_loader(self._dataset("train", image_size=size, anomaly_to_ignore=True))
+        if not self.normalize_on_device:
+            return loader
+        trainer = getattr(self, "trainer", None)
+        return DeviceBatches(loader, trainer.strategy.root_device if trainer is not None else None)
 
     def class_pixel_counts(self) -> list[int]:
         """Pixels per known class over the training split (at ``image_size``), cached on disk.
@@ -821,10 +1104,15 @@ class StreetHazardsDataModule(L.LightningDataModule):
         if cache.is_file():
             return json.loads(cache.read_text())
         dataset = StreetHazardsDataset(
-            samples, self.image_size, self.ignore_unlabeled, self.zero_label, anomaly_to_ignore=True
+            samples,
+            self.image_size,
+            self.ignore_unlabeled,
+            self.zero_label,
+            anomaly_to_ignore=True,
+            decoder=self.decoder,
         )
         loader = DataLoader(
-            _MaskOnly(dataset), batch_size=1, num_workers=self.num_workers, collate_fn=lambda items: items[0]
+            _MaskOnly(dataset), batch_size=1, num_workers=self.loader_workers(), collate_fn=lambda items: items[0]
         )
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for mask in loader:

@@ -62,10 +62,10 @@ def test_training_throughput_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> 
         ("dual_decoder", "mixed-cl"),
     ]
     for row in rows:
-        assert row[2] == ("32-true" if row[1] == "fp32" else "bf16-mixed")
+        assert row[2] == ("32-true (TF32 off)" if row[1] == "fp32" else "bf16-mixed")
         assert all(positive_finite(cell) for cell in row[4:7]), row  # images/s, ms/step, speedup
     assert all(r["images_per_s"] > 0 for r in returned)
-    assert "torch " + torch.__version__ in output and "FRE trains the same network" in output
+    assert "torch " + torch.__version__ in output and "FRE and kNN score SML's network" in output
 
 
 def test_test_throughput_runs_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -124,7 +124,7 @@ def test_mixed_precision_check_runs_on_cpu(tmp_path: Path, capsys: pytest.Captur
 def test_sml_postprocessing_sweep_matches_sklearn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from datamodules.streethazards import StreetHazardsDataModule
+    from datamodules.streethazards import StreetHazardsDataModule, prepare_batch
     from datamodules.synthetic import write_synthetic_streethazards
     from lightning_modules.sml import SMLSegmenter, sml_anomaly_score
 
@@ -149,7 +149,7 @@ def test_sml_postprocessing_sweep_matches_sklearn(tmp_path: Path, capsys: pytest
     model.fit_posthoc(StreetHazardsDataModule(root=str(root), image_size=(64, 96), num_workers=0).posthoc_dataloader())
     data = StreetHazardsDataModule(root=str(heldout), image_size=(64, 96), num_workers=0)
     data.setup("test")
-    batch = next(iter(torch.utils.data.DataLoader(data.datasets["test"], batch_size=4)))
+    batch = prepare_batch(next(iter(torch.utils.data.DataLoader(data.datasets["test"], batch_size=4))))
     with torch.no_grad():
         logits = model.eval()(batch["image"])
     labels = (batch["mask"] == 13).flatten().numpy()
@@ -162,3 +162,78 @@ def test_sml_postprocessing_sweep_matches_sklearn(tmp_path: Path, capsys: pytest
         ).flatten().double().numpy()  # fmt: skip
         assert row["aupr"] == pytest.approx(average_precision_score(labels, score), abs=1e-3)
         assert row["auroc"] == pytest.approx(roc_auc_score(labels, score), abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# gpu_check: the CPU dry run of the script a GPU lease runs
+# ------------------------------------------------------------------------------------------------
+def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
+    """``bash benchmarks/gpu_check.sh --dry-run``: every step passes on the CPU at tiny sizes and the
+    summary lists them; about 50 s of CPU on the CI machine."""
+    import os
+    import subprocess
+
+    out = tmp_path / "gpu_check"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), "--dry-run", f"--out={out}"],
+        capture_output=True, text=True, timeout=600, env=env, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    records = {r["name"]: r for r in json.loads((out / "summary.json").read_text())}
+    steps = ["environment", "data", "e2e sml", "precision", "training", "test throughput", "loader"]
+    assert list(records) == steps and all(r["status"] == "ok" for r in records.values())
+    summary = (out / "summary.md").read_text()
+    assert "DRY RUN" in summary and "every step that ran passed" in summary and summary.strip() in completed.stdout
+    assert [line.split("|")[1].strip() for line in summary.splitlines() if line.startswith("| e2e")] == ["e2e sml"]
+    stages = records["e2e sml"]["result"]["stages"]
+    assert set(stages) == {"fit", "test", "predict"} and stages["predict"]["written"] == 3
+    assert math.isfinite(stages["test"]["aupr"]) and stages["fit"]["posthoc_s"] > 0
+    actions = [row["action"] for row in stages["fit"]["profile"]]
+    assert any("optimizer_step" in a or "run_training_batch" in a for a in actions), actions
+    assert (out / "e2e" / "sml" / "run" / "checkpoints" / "last.ckpt").is_file()
+    precision = records["precision"]["result"]["results"]["sml"]
+    assert all(math.isfinite(v) for v in precision["largest"].values()) and precision["argmax_agreement"] > 0.5
+    training = records["training"]["result"]["rows"]
+    assert {r["config"] for r in training} == {"fp32", "main.py fit"}
+    assert all(r["images_per_s"] > 0 for r in training if r["config"] == "fp32")
+    assert all(r["epoch_images_per_s"] > 0 for r in training if r["config"] == "main.py fit")
+    assert [r["configuration"] for r in records["loader"]["result"]["rows"]] == ["before", "after", "cached"]
+
+
+def test_gpu_check_names_host_syncs_by_the_projects_line() -> None:
+    import traceback
+
+    gpu_check = load("gpu_check")
+    repo = BENCHMARKS.parent
+
+    def frame(path: Path, line: int, name: str) -> traceback.FrameSummary:
+        return traceback.FrameSummary(str(path), line, name, line="")
+
+    torch_file = Path(torch.__file__).parent / "_tensor.py"
+    stack = [
+        frame(repo / "main.py", 10, "cli_main"),
+        frame(Path(L.__file__).parent / "pytorch" / "loops" / "evaluation_loop.py", 20, "run"),
+        frame(repo / "callbacks" / "evaluation.py", 30, "on_test_batch_end"),
+        frame(torch_file, 40, "item"),
+    ]
+    assert gpu_check.sync_site(stack) == "torch/_tensor.py:40 <- callbacks/evaluation.py:30 (on_test_batch_end)"
+    assert gpu_check.sync_site(stack[:3]) == "callbacks/evaluation.py:30"
+    assert gpu_check.sync_site(stack[:2]) == "lightning/pytorch/loops/evaluation_loop.py:20"  # Lightning's own
+
+    recorder = gpu_check.HostSyncRecorder()
+    recorder._stage = "test"
+    for _ in range(3):
+        recorder.record(stack)
+    assert recorder.sites == {"test": {"torch/_tensor.py:40 <- callbacks/evaluation.py:30 (on_test_batch_end)": 3}}
+    record = {"result": {"method": "sml", "stages": {"test": {"host_syncs": recorder.sites["test"]}}}}
+    lines = gpu_check.host_sync_table([record])
+    assert lines == ["| torch/_tensor.py:40 <- callbacks/evaluation.py:30 (on_test_batch_end) | 3 | sml test 3 |"]
+
+
+def test_gpu_check_lists_the_wheels_an_offline_node_needs() -> None:
+    wheels = load("gpu_check").wheel_requirements()
+    names = {line.split("==")[0] for line in wheels}
+    assert {"segmentation-models-pytorch", "albumentations", "jsonargparse", "scipy", "matplotlib"} <= names
+    assert not names & {"torch", "lightning", "torchvision", "pytorch-lightning", "torchmetrics", "numpy"}
+    assert all("==" in line for line in wheels)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import re
 from pathlib import Path
 
@@ -20,7 +22,9 @@ from datamodules.streethazards import (
     StreetHazardsDataModule,
     StreetHazardsDataset,
     SyntheticConfig,
+    default_num_workers,
     list_split,
+    load_image,
     train_augmentation,
 )
 
@@ -48,7 +52,9 @@ def test_loads_release_layout_with_label_shift(release_root: Path) -> None:
     dm.setup("test")
     assert len(dm.datasets["train"]) == 4 and len(dm.datasets["val"]) == 2 and len(dm.datasets["test"]) == 3
 
-    batch = next(iter(dm.test_dataloader()))
+    shipped = next(iter(dm.test_dataloader()))  # uint8 through the loader, normalized on the device
+    assert shipped["image"].dtype == torch.uint8 and shipped["mask"].dtype == torch.uint8
+    batch = dm.on_after_batch_transfer(shipped, 0)
     assert batch["image"].shape == (2, 3, 24, 40) and batch["image"].dtype == torch.float32
     assert batch["mask"].shape == (2, 24, 40) and batch["mask"].dtype == torch.long
     for k in range(2):
@@ -318,3 +324,137 @@ def test_other_roots_are_not_checked_against_data_synthetic(release_root: Path) 
     dm = make_dm(release_root, synthetic=SyntheticConfig(num_test=1000))
     dm.setup("test")
     assert len(dm.datasets["test"]) == 3
+
+
+# ----------------------------------------------------------------------------- loader speed options
+def _contract_batches(dm: StreetHazardsDataModule, loader) -> list[dict]:
+    return [dm.on_after_batch_transfer(batch, 0) for batch in loader]
+
+
+def test_decoders_give_the_same_pixels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (18, 30, 4), dtype=np.uint8)  # alpha below 255 too: dropped, never blended
+    images = {
+        "rgba.png": Image.fromarray(rgba, "RGBA"),
+        "rgb.png": Image.fromarray(rgba[..., :3], "RGB"),
+        "grey.png": Image.fromarray(rgba[..., 0], "L"),
+        "palette.png": Image.fromarray(rgba[..., :3], "RGB").convert("P"),
+        "photo.jpg": Image.fromarray(rgba[..., :3], "RGB"),
+    }
+    for name, image in images.items():
+        image.save(tmp_path / name)
+        pil = load_image(tmp_path / name, decoder="pil")
+        cv2_decoded = load_image(tmp_path / name, decoder="cv2")
+        assert cv2_decoded.shape == pil.shape == (18, 30, 3) and cv2_decoded.dtype == np.uint8, name
+        np.testing.assert_array_equal(cv2_decoded, pil, err_msg=name)
+    np.testing.assert_array_equal(load_image(tmp_path / "rgba.png"), rgba[..., :3])
+    # what OpenCV cannot read is named by Pillow's message
+    data = (tmp_path / "rgba.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(StreetHazardsDataError, match="truncated.png: unreadable or truncated"):
+        load_image(tmp_path / "truncated.png", decoder="cv2")
+    with pytest.raises(StreetHazardsDataError, match="decoder must be one of"):
+        make_dm(tmp_path, decoder="turbo")
+
+
+@pytest.mark.parametrize("decoder", ["cv2", "pil"])
+def test_uint8_batches_normalized_on_the_device_equal_the_workers_normalization(
+    release_root: Path, decoder: str
+) -> None:
+    """Shipping uint8 and normalizing after the transfer gives bit-identical contract batches to
+    normalizing in the workers, for every split, augmentation and injection included."""
+    from datamodules.streethazards import InjectionConfig
+
+    options = {"image_size": (16, 32), "injection": InjectionConfig(probability=1.0), "decoder": decoder}
+    shipped, worker = make_dm(release_root, **options), make_dm(release_root, normalize_on_device=False, **options)
+    for dm in (shipped, worker):
+        dm.setup("fit")
+        dm.setup("test")
+    for split in ("train", "val", "test"):
+        mine = _contract_batches(shipped, getattr(shipped, f"{split}_dataloader")())
+        theirs = _contract_batches(worker, getattr(worker, f"{split}_dataloader")())
+        assert len(mine) == len(theirs) > 0
+        for a, b in zip(mine, theirs, strict=True):
+            assert set(a) == set(b) and ("mask_clean" in a) == (split == "train")
+            for key in a:
+                if isinstance(a[key], torch.Tensor):
+                    assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (split, key)
+    raw = next(iter(worker.train_dataloader()))  # normalize_on_device=False: the contract straight away
+    assert raw["image"].dtype == torch.float32 and raw["mask_clean"].dtype == torch.long
+
+
+def test_posthoc_batches_are_normalized_and_can_be_at_the_test_size(release_root: Path) -> None:
+    dm = make_dm(release_root, image_size=(12, 20))
+    batches = list(dm.posthoc_dataloader())
+    assert batches[0]["image"].dtype == torch.float32 and batches[0]["image"].shape[-2:] == (12, 20)
+    assert batches[0]["mask"].dtype == torch.long and len(dm.posthoc_dataloader().dataset) == 4
+    native = make_dm(release_root, image_size=(12, 20), test_native_resolution=True, posthoc_at_test_size=True)
+    assert next(iter(native.posthoc_dataloader()))["image"].shape[-2:] == (24, 40)
+
+
+def test_decoded_image_cache_hits_misses_and_bound(release_root: Path, tmp_path: Path) -> None:
+    from datamodules.streethazards import DecodedImageCache
+
+    cache_dir = tmp_path / "cache"
+    plain = make_dm(release_root, image_size=(12, 20), train_augment=False)
+    cached = make_dm(release_root, image_size=(12, 20), train_augment=False, cache_dir=str(cache_dir))
+    for dm in (plain, cached):
+        dm.setup("fit")
+    expected = [plain.datasets["train"].load(i) for i in range(4)]
+    dataset = cached.datasets["train"]
+    for _ in range(2):  # first pass writes, second reads
+        for i in range(4):
+            image, mask = dataset.load(i)
+            np.testing.assert_array_equal(image, expected[i][0])
+            np.testing.assert_array_equal(mask, expected[i][1])
+    assert (dataset.cache.misses, dataset.cache.hits) == (4, 4)
+    assert len(list(cache_dir.rglob("*.npy"))) == 4
+    # val shares the folder under other keys (its labels keep the anomaly class)
+    cached.datasets["val"].load(0)
+    assert len(list(cache_dir.rglob("*.npy"))) == 5
+
+    # a rewritten file is a miss, never a stale hit
+    sample = dataset.samples[0]
+    raw = expected_raw(0, 13)
+    rgb = np.zeros((24, 40, 3), np.uint8)
+    write_release_sample(release_root, "train", sample.image.stem, rgb, raw)
+    os.utime(sample.image, ns=(1, 1))  # a new modification time even on a coarse-grained clock
+    np.testing.assert_array_equal(dataset.load(0)[0], np.zeros((12, 20, 3), np.uint8))
+
+    # bounded: nothing is written beyond max_bytes; workers get a fresh view of the folder
+    small = DecodedImageCache(tmp_path / "small", max_bytes=12 * 20 * 4 + 200)
+    assert small.put("a" * 40, *expected[0]) and not small.put("b" * 40, *expected[1])
+    assert small.get("b" * 40) is None and small.get("a" * 40) is not None
+    assert pickle.loads(pickle.dumps(small))._used is None
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # the loader is only built, never iterated
+def test_worker_count_from_the_available_cpus(release_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datamodules import streethazards
+
+    assert [default_num_workers(1, cpus) for cpus in (1, 2, 16, 64)] == [0, 1, 15, 16]
+    assert default_num_workers(4, cpus=16) == 3  # four training processes on the node share the CPUs
+    monkeypatch.setattr(streethazards, "available_cpus", lambda: 6)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    dm = make_dm(release_root, num_workers=None)
+    dm.setup("test")
+    assert dm.test_dataloader().num_workers == 5
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert dm.loader_workers() == 2
+    assert make_dm(release_root, num_workers=3).loader_workers() == 3
+
+
+def test_predict_on_images_of_their_own_sizes_turns_cudnn_autotuning_off(
+    release_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    dm = make_dm(release_root, predict_dir=str(release_root / "test"))
+    dm.setup("predict")
+    assert torch.backends.cudnn.benchmark is False
+    item = dm.datasets["predict"][0]
+    assert item["image"].dtype == torch.uint8 and tuple(item["original_size"].tolist()) == (24, 40)
+    dm.teardown("predict")
+    assert torch.backends.cudnn.benchmark is True
+    fixed = make_dm(release_root, predict_dir=str(release_root / "test"), predict_image_size=(12, 20))
+    fixed.setup("predict")  # one size: autotuning stays on
+    assert torch.backends.cudnn.benchmark is True
