@@ -192,8 +192,10 @@ class HostSyncCounter(TorchFunctionMode):
                 self.events[(reason, _caller())] += 1
         result = func(*args, **kwargs)
         to_host = name in _TO_HOST or (name == "to" and _to_host_literal(args, kwargs))
-        to_device = (name == "to" and not to_host and any(isinstance(a, torch.device) for a in [*args[1:2], kwargs.get("device")]))
-        made_on_device = not inputs and kwargs.get("device") is not None and not _to_host_literal((None, kwargs.get("device")), {})
+        targets = [*args[1:2], kwargs.get("device")]
+        to_device = name == "to" and not to_host and any(isinstance(t, torch.device) for t in targets)
+        device = kwargs.get("device")
+        made_on_device = not inputs and device is not None and not _to_host_literal((None, device), {})
         if not to_host and (from_device or to_device or made_on_device):
             self.mark(result)
         return result
@@ -277,7 +279,9 @@ class CountHostSyncs(L.Callback):
             manager.__exit__(None, None, None)
             getattr(self, f"cuda_{stage}").append(count)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._start("train", pl_module, batch)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -352,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--train-batches", type=int, default=3)
     parser.add_argument("--test-batches", type=int, default=3)
-    parser.add_argument("--data", type=Path, default=None, help="a dataset root (default: a tiny synthetic one in /tmp)")
+    parser.add_argument("--data", type=Path, default=None, help="dataset root (default: a tiny synthetic one)")
     parser.add_argument("--verbose", action="store_true", help="list every counted call by location")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -360,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from datamodules.synthetic import write_synthetic_streethazards
 
     print(f"torch {torch.__version__}, lightning {L.__version__}, device {args.device}")
-    print("| method | training step: first / later | evaluation batch: first / later | CUDA's own count (train / test) |")
+    print("| method | training step: first / later | evaluation batch: first / later | CUDA's count (train / test) |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or Path(tmp) / "data"
@@ -385,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             details[method] = (train_events, test_events, len(counter.train) - 1, len(counter.test) - 1)
     if args.verbose:
         for method, (train_events, test_events, train_n, test_n) in details.items():
-            for what, events, n in (("training step", train_events, train_n), ("evaluation batch", test_events, test_n)):
+            parts = (("training step", train_events, train_n), ("evaluation batch", test_events, test_n))
+            for what, events, n in parts:
                 print(f"\n{method}, {what} (calls per batch, over {n} later batches):")
                 for (reason, where), count in sorted(events.items(), key=lambda item: -item[1]):
                     print(f"  {count / max(n, 1):6.1f}  {reason:40s} {where}")
