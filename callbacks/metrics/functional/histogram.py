@@ -370,27 +370,40 @@ def adaptive_tables(shift: np.ndarray, offset: np.ndarray, base: np.ndarray) -> 
     return start, np.maximum(np.asarray(shift, dtype=np.int64), 0)
 
 
-def move_coarse_bins(counts: Tensor, old: HistogramLayout, new: HistogramLayout, coarse: Tensor) -> None:
+def move_coarse_bins(
+    counts: Tensor, old: HistogramLayout, new: HistogramLayout, coarse: Tensor, total: int | None = None
+) -> None:
     """In place: move the sub-bins of the coarse bins ``coarse`` from ``old`` to ``new`` (exact).
 
     Same mapping as ``rebin_counts``, for a few coarse bins: their old sub-bins are read, zeroed,
     and added at their new place, which must not overlap the old sub-bins of any moved bin.
+    ``total``: the number of old sub-bins of those coarse bins, when the caller knows it on the
+    host; then nothing here waits for the device (every sub-bin moves, empty ones too), otherwise
+    it is read from the device and only the non-empty sub-bins move.
     """
     if coarse.numel() == 0:
         return
     old, new = old.to(counts.device), new.to(counts.device)
     coarse = coarse.to(counts.device)
     sizes = old.size[coarse]
-    which = torch.repeat_interleave(coarse, sizes)
+    which = torch.repeat_interleave(coarse, sizes, output_size=total)
     j = torch.arange(which.numel(), device=counts.device) - torch.repeat_interleave(
-        torch.cumsum(sizes, 0) - sizes, sizes
+        torch.cumsum(sizes, 0) - sizes, sizes, output_size=total
     )
     source = old.base[which] + j
     values = counts.index_select(-1, source)
-    occupied = torch.nonzero(values.reshape(-1, source.numel()).sum(0)).squeeze(1)  # only these need moving
-    which, j, source, values = which[occupied], j[occupied], source[occupied], values.index_select(-1, occupied)
+    if total is None:
+        occupied = torch.nonzero(values.reshape(-1, source.numel()).sum(0)).squeeze(1)  # only these need moving
+        which, j, source, values = which[occupied], j[occupied], source[occupied], values.index_select(-1, occupied)
     low_start = (old.offset[which] + j) << old.shift[which].clamp_min(0)
-    target = new.base[which] + (low_start >> new.shift[which].clamp_min(0)) - new.offset[which]
+    unit = (low_start >> new.shift[which].clamp_min(0)) - new.offset[which]
+    target = new.base[which] + unit
+    if total is not None:
+        # Empty sub-bins may lie outside the keys seen, hence outside the new sub-bins: they add
+        # zero at their coarse bin's first new position instead.
+        inside = (unit >= 0) & (unit < new.size[which])
+        target = torch.where(inside, target, new.base[which])
+        values = torch.where(inside, values, torch.zeros_like(values))
     counts.index_fill_(-1, source, 0)
     counts.index_add_(counts.dim() - 1, target, values)
 
