@@ -20,6 +20,7 @@ from torch import Tensor
 
 from callbacks.evaluation import AnomalyEvaluation, resize_to
 from datamodules.labels import ANOMALY_INDEX, IGNORE_COLOR, IMAGE_MEAN, IMAGE_STD, PALETTE
+from datamodules.streethazards import is_padding
 
 __all__ = [
     "AnomalyHeatmapLogger",
@@ -292,6 +293,8 @@ class AnomalyHeatmapLogger(L.Callback):
         batch_idx: int,
     ) -> None:
         if batch_idx % self.every_n_batches or not trainer.is_global_zero or _tensorboard(trainer) is None:
+            return
+        if is_padding(batch):  # a placeholder of a process without samples (see datamodules)
             return
         if not isinstance(outputs, Mapping) or not outputs.get("scores"):
             return

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
+from datamodules.streethazards import is_padding
 from lightning_modules.scoring.baselines import baseline_scores
 from lightning_modules.scoring.test_time_augmentation import TestTimeAugmentation
 
@@ -332,6 +333,8 @@ class AnomalySegmentationModule(L.LightningModule):
             self._reset_accumulators(pass_index)
             self.start_posthoc_pass(pass_index, num_batches)
             for batch in batches:
+                if is_padding(batch):
+                    continue
                 batch = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
                 self.update_posthoc(batch, pass_index)
             self._reduce_accumulators(pass_index)
