@@ -62,7 +62,8 @@ _THIS = str(Path(__file__).resolve())
 
 # Calls that wait for the device when their tensor lives there (their result is read on the host,
 # or their output size depends on the data). CUDA's bincount reads the input's maximum to size its
-# output, also with ``minlength``.
+# output, also with ``minlength``. (``.numpy()`` is not listed: on a CUDA tensor it raises, so it
+# only ever follows a ``.cpu()``, which is counted.)
 _ALWAYS = {
     "item",
     "tolist",
@@ -71,10 +72,8 @@ _ALWAYS = {
     "__float__",
     "__index__",
     "__complex__",
-    "__array__",
     "__repr__",
     "__format__",
-    "numpy",
     "cpu",
     "nonzero",
     "argwhere",

@@ -127,8 +127,8 @@ def test_truncated_last_resumes_from_older_valid_checkpoint(
 @pytest.mark.slow
 def test_sigterm_saves_last_and_the_same_command_resumes_in_the_same_folder(data_root: Path, tmp_path: Path) -> None:
     """``kill -TERM`` from outside, then the requeued job's identical command. On this tiny run the
-    signal usually lands in a validation pass (Lightning aborts it; the checkpoint is saved from
-    on_exception); a signal during a training batch: test_signal_in_a_batch_saves_last_at_that_step_..."""
+    signal often lands in a validation pass, which finishes; the checkpoint is saved at the end of
+    the next training batch (a signal during a training batch: test_signal_in_a_batch_saves_...)."""
     out, epochs = tmp_path / "preempted", 3
     command = [sys.executable, "main.py", "fit", *cli_args(data_root, out), f"--trainer.max_epochs={epochs}"]
     command.append("--ckpt_path=last")  # what a requeued job runs, the first time too

@@ -51,6 +51,7 @@ from callbacks.metrics.functional.histogram import (
     rebin_counts,
     sorted_coarse_stats,
     sorted_runs,
+    storage_blocks,
 )
 from callbacks.metrics.functional.keys import KEY_POS_INF, float_to_key, key_to_float
 from callbacks.metrics.functional.per_image import (
@@ -365,8 +366,7 @@ class AnomalyMetrics(Metric):
     def _adopt(self, plan: AdaptivePlan, host: _HostLayout | None = None) -> None:
         """Move the counts into ``plan``'s layout (exactly) and make it the current one.
 
-        With the host copy of the current layout (``host``) nothing here waits for the device,
-        unless the plan compacts the layout (when the sub-bin budget runs out).
+        With the host copy of the current layout (``host``) nothing here waits for the device.
         """
         device = self.counts.device
         old = self.layout
@@ -377,7 +377,8 @@ class AnomalyMetrics(Metric):
         if plan.compacted and used == 0:
             self.counts.zero_()  # nothing counted yet (the first batch): nothing to move
         elif plan.compacted:
-            self.counts = rebin_counts(self.counts, old, new)
+            blocks = storage_blocks(host.size, host.base) if host is not None else None
+            self.counts = rebin_counts(self.counts, old, new, old_blocks=blocks)
         else:  # only the bins that outgrew their sub-bins move; new ones start empty
             moved = np.flatnonzero(plan.moved)
             total = int(host.size[moved].sum()) if host is not None else None
@@ -510,8 +511,7 @@ class AnomalyMetrics(Metric):
         self._add_per_image(per_image_metrics_sorted(images))
 
     def _finish_torch(self, prepared: _Prepared) -> None:
-        """Count a prepared batch (its host values read by ``_read_back``); no further wait for the
-        device unless the layout is compacted."""
+        """Count a prepared batch (its host values read by ``_read_back``); no further wait for the device."""
         keys, positive, valid, merged = prepared.keys, prepared.positive, prepared.valid, prepared.merged
         if prepared.num_nan:
             self._raise_nan(prepared.scores, valid)

@@ -140,8 +140,14 @@ def rebin_counts(
     old: HistogramLayout | BinLayout,
     new: HistogramLayout | BinLayout,
     num_bins: int | None = None,
+    old_blocks: np.ndarray | None = None,
 ) -> Tensor:
     """Move ``[..., M]`` counts from layout ``old`` to layout ``new`` (``[..., num_bins]``, default ``M``).
+
+    ``old_blocks``: for an adaptive ``old`` layout, its coarse bins with sub-bins in storage order
+    (:func:`storage_blocks` of host copies), when the caller has them on the host: then every flat
+    position is mapped (a fixed amount of work) and nothing waits for the device; without them
+    only the non-empty positions are, found with one host synchronisation.
 
     Exact and on the counts' device without a host synchronisation: old sub-bin ``j`` of coarse
     bin ``g`` starts at ``low = (offset + j) << shift`` and goes to the new sub-bin holding that
@@ -168,6 +174,12 @@ def rebin_counts(
         position = torch.arange(num_old, device=device)
         coarse = torch.zeros_like(position)
         values = counts
+    elif old_blocks is not None:
+        # Adaptive layouts with their blocks known on the host: every position (empty ones, and
+        # freed or unused space, add zero).
+        position = torch.arange(num_old, device=device)
+        coarse = _coarse_of_positions(old, position, num_old, torch.from_numpy(old_blocks).to(device))
+        values = counts
     else:
         # Adaptive layouts (re-binned on the host's decision): only the non-empty positions.
         position = torch.nonzero(counts.reshape(-1, num_old).sum(0)).squeeze(1)
@@ -186,12 +198,24 @@ def rebin_counts(
     return out
 
 
-def _coarse_of_positions(layout: HistogramLayout, position: Tensor, num_positions: int) -> Tensor:
-    """Coarse bin owning each flat position (positions outside every bin: the block before them)."""
+def storage_blocks(size: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """The coarse bins with sub-bins in storage order (by ``base``), from host copies of a layout."""
+    has = np.flatnonzero(np.asarray(size) > 0)
+    return has[np.argsort(np.asarray(base)[has], kind="stable")]
+
+
+def _coarse_of_positions(
+    layout: HistogramLayout, position: Tensor, num_positions: int, blocks: Tensor | None = None
+) -> Tensor:
+    """Coarse bin owning each flat position (positions outside every bin: the block before them).
+
+    ``blocks``: the coarse bins with sub-bins in storage order, if known (else found on the device,
+    which waits for it)."""
     # Mark each block's start with the step in coarse index from the block before it (blocks in
     # storage order) and sum the marks up: one pass, no search per position.
-    has = torch.nonzero(layout.size > 0).squeeze(1)
-    blocks = has[torch.argsort(layout.base[has])]
+    if blocks is None:
+        has = torch.nonzero(layout.size > 0).squeeze(1)
+        blocks = has[torch.argsort(layout.base[has])]
     marks = torch.zeros(num_positions, dtype=torch.int64, device=position.device)
     marks[layout.base[blocks]] = torch.diff(blocks, prepend=blocks.new_zeros(1))
     return torch.cumsum(marks, 0)[position]
