@@ -55,7 +55,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already says what is wrong and where: printed as one line, exit code 2."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from callbacks.guards import NonFiniteLossError
+    from callbacks.guards import GuardOptionError, NonFiniteLossError
     from callbacks.protocol import EvaluationOptionError
     from datamodules.download import DownloadError
     from datamodules.injection import OutlierSourceError
@@ -73,6 +73,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DownloadError,
         OutlierSourceError,
         EvaluationOptionError,
+        GuardOptionError,
     )
 
 
@@ -579,9 +580,7 @@ def compare(
         raise FileNotFoundError(f"compare: base_config not found: {base_config}")
     registry = methods_registry()
     if scores_network_of is None:
-        scores_network_of = {
-            n: e.scores_network_of for n, e in registry.items() if n in names and e.scores_network_of
-        }
+        scores_network_of = {n: e.scores_network_of for n, e in registry.items() if n in names and e.scores_network_of}
     if init_from is None:
         init_from = {n: e.init_from for n, e in registry.items() if n in names and e.init_from}
     scores_network_of, init_from = dict(scores_network_of), dict(init_from)
@@ -661,8 +660,6 @@ def compare(
     print(table)
     print(f"compare: wrote {out / 'comparison.json'}, {out / 'comparison.md'}, {out / 'comparison.png'}")
     return records
-
-
 
 
 def _common_protocol(cards: dict[str, Any]) -> dict[str, Any]:

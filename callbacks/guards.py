@@ -35,6 +35,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 __all__ = [
+    "GuardOptionError",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "PreemptionCheckpoint",
@@ -58,6 +59,10 @@ def checkpoint_dir(trainer: L.Trainer) -> Path:
     if logger is not None and logger.log_dir is not None:
         return Path(logger.log_dir) / "checkpoints"
     return Path(trainer.default_root_dir) / "checkpoints"
+
+
+class GuardOptionError(ValueError):
+    """An invalid ``preemption.*`` or ``nonfinite.*`` option (a one-line user error on the command line)."""
 
 
 # --------------------------------------------------------------------------------------- preemption
@@ -126,13 +131,13 @@ class PreemptionCheckpoint(L.Callback):
     ) -> None:
         super().__init__()
         if not filename:
-            raise ValueError("preemption.filename must not be empty")
+            raise GuardOptionError("preemption.filename must not be empty")
         if isinstance(check_every_n_steps, bool) or check_every_n_steps < 1:
-            raise ValueError(f"preemption.check_every_n_steps must be >= 1, got {check_every_n_steps}")
+            raise GuardOptionError(f"preemption.check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.signal_names = tuple(signals)
         unknown = [name for name in self.signal_names if not name.startswith("SIG") or name in ("SIGKILL", "SIGSTOP")]
         if unknown:
-            raise ValueError(f"preemption.signals: cannot handle {unknown}")
+            raise GuardOptionError(f"preemption.signals: cannot handle {unknown}")
         self.filename = filename
         self.check_every_n_steps = int(check_every_n_steps)
         self.received: int | None = None
@@ -340,7 +345,7 @@ class NonFiniteLossGuard(L.Callback):
     def __init__(self, check_every_n_steps: int = 10) -> None:
         super().__init__()
         if check_every_n_steps < 1:
-            raise ValueError(f"nonfinite.check_every_n_steps must be >= 1, got {check_every_n_steps}")
+            raise GuardOptionError(f"nonfinite.check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.check_every_n_steps = int(check_every_n_steps)
         self._record: Tensor | None = None
         self._batches = 0
