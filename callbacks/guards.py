@@ -96,8 +96,8 @@ class PreemptionCheckpoint(L.Callback):
     auto_requeue=True)`` Lightning saves a checkpoint inside its SIGUSR1 handler on every process,
     which under DDP runs the collectives of the checkpoint hooks at whatever point each process was
     interrupted and hangs the job until its time limit (Lightning issue 21406), and its SIGTERM
-    handler broadcasts under DDP from inside the handler. Other handlers installed before fit are
-    still called.
+    handler broadcasts under DDP from inside the handler. Handlers installed before ``fit`` (which
+    Lightning wraps) are still called.
 
     The processes then agree at a training batch boundary whether any of them received a signal:
     after every batch in a single process (a Python flag, no device work), every
@@ -150,11 +150,10 @@ class PreemptionCheckpoint(L.Callback):
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
-        previous = self._previous.get(signum)
-        # SIG_DFL would end the process (SIGUSR1's default action); SIG_IGN does nothing; Lightning's
-        # handlers are the ones this replaces (see the class docstring).
-        if callable(previous) and not _is_lightning_handler(previous):
-            previous(signum, frame)
+        # Lightning's handlers are the ones this replaces (see the class docstring); SIG_DFL would
+        # end the process (SIGUSR1's default action), SIG_IGN does nothing.
+        for handler in _other_handlers(self._previous.get(signum)):
+            handler(signum, frame)
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -263,13 +262,23 @@ def _nothing() -> None:
     return None
 
 
-def _is_lightning_handler(handler: Any) -> bool:
-    """Whether ``handler`` is one Lightning's signal connector installed (see PreemptionCheckpoint)."""
+def _other_handlers(handler: Any) -> list[Any]:
+    """The callable handlers in ``handler`` that are not Lightning's own (see PreemptionCheckpoint).
+
+    Lightning's signal connector installs a composition of its own handlers and the ones it found
+    (it always wraps SIGTERM's); those found are kept, its own are dropped.
+    """
     try:
-        from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
+        from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose, _SignalConnector
     except ImportError:  # another Lightning version: its handlers are not recognised
-        return False
-    return isinstance(handler, _HandlersCompose)
+        return [handler] if callable(handler) else []
+    if not isinstance(handler, _HandlersCompose):
+        return [handler] if callable(handler) else []
+    return [
+        inner
+        for inner in handler.signal_handlers
+        if callable(inner) and not isinstance(getattr(inner, "__self__", None), _SignalConnector)
+    ]
 
 
 def repair_resume_after_last_batch(trainer: L.Trainer) -> bool:

@@ -181,6 +181,26 @@ def test_signal_in_a_batch_saves_last_at_that_step_and_the_same_command_continue
     assert load(last)["global_step"] == 3 * STEPS_PER_EPOCH
 
 
+def test_the_preemption_handler_records_and_calls_the_earlier_handlers_but_not_lightnings() -> None:
+    """During training the handler only records the signal: Lightning's own handlers (SLURM
+    auto-requeue's in-handler checkpoint, its SIGTERM broadcast) are dropped from the chain, a
+    handler that was there before Lightning wrapped it is still called."""
+    from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose, _SignalConnector
+
+    from callbacks.guards import PreemptionCheckpoint
+
+    calls = []
+    connector = _SignalConnector.__new__(_SignalConnector)  # no trainer: calling its handlers would raise
+    callback = PreemptionCheckpoint()
+    callback._previous = {
+        signal.SIGUSR1: _HandlersCompose([connector._slurm_sigusr_handler_fn]),
+        signal.SIGTERM: _HandlersCompose([connector._sigterm_notifier_fn, lambda s, f: calls.append(s)]),
+    }
+    callback._handler(signal.SIGUSR1, None)
+    callback._handler(signal.SIGTERM, None)
+    assert callback.received == signal.SIGUSR1 and calls == [signal.SIGTERM]
+
+
 def test_batch_seed_is_a_function_of_seed_epoch_batch_and_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_modules.base import batch_seed
 
