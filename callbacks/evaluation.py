@@ -433,19 +433,17 @@ class AnomalyEvaluation(L.Callback):
         anomaly: dict[str, dict[str, float]] = {}
         protocols: dict[str, dict[str, Any]] = {}
         curves: dict[str, dict[str, Any]] = {}
-        if state.skip_anomaly and counts["anomaly_pixels"] > 0:
-            # The split changed since the epoch that had none (other batches, other data).
-            rank_zero_warn(
-                f"AnomalyEvaluation: the {prefix} split now has {counts['anomaly_pixels']} anomaly pixels (the "
-                "previous epoch had none, so this epoch did not accumulate anomaly metrics); they are computed "
-                "again from the next epoch"
-            )
         if stage == "validate":
             # A split without anomaly pixels (StreetHazards' validation split) is not scored in the
             # next epochs of this stage: every score's histograms and per-image sorts are skipped.
             self._no_anomalies[stage] = counts["anomaly_pixels"] == 0
         if state.skip_anomaly:
-            pass
+            if counts["anomaly_pixels"] > 0:  # the split changed since the epoch that had none
+                rank_zero_warn(
+                    f"AnomalyEvaluation: the {prefix} split now has {counts['anomaly_pixels']} anomaly pixels (the "
+                    "previous epoch had none, so this epoch did not accumulate anomaly metrics); they are computed "
+                    "again from the next epoch"
+                )
         elif counts["anomaly_pixels"] > 0 or stage == "test":
             for name, metric in state.anomaly.items():
                 anomaly[name] = metric.compute()
