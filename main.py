@@ -55,7 +55,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already says what is wrong and where: printed as one line, exit code 2."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from callbacks.guards import NonFiniteLossError
+    from callbacks.guards import GuardOptionError, NonFiniteLossError
     from callbacks.protocol import EvaluationOptionError
     from datamodules.download import DownloadError
     from datamodules.injection import OutlierSourceError
@@ -73,6 +73,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DownloadError,
         OutlierSourceError,
         EvaluationOptionError,
+        GuardOptionError,
     )
 
 

@@ -9,8 +9,10 @@ every method is evaluated on the label grid.
 Metrics are torchmetrics ``Metric`` objects living on the module's device that reduce
 themselves across processes in ``compute()``; the values are therefore logged with
 ``sync_dist=False``. What this module adds per batch (resizing, image/pixel counts, the
-per-class false-positive histogram) stays on the device; ``AnomalyMetrics.update`` itself reads
-five integers back per score and batch to choose its bin layout.
+per-class false-positive histogram) stays on the device; the pooled histograms of every score and
+protocol preset are updated together (``AnomalyMetrics.update_many``), which reads two integers per
+histogram back to the host in one copy per batch (NaN scores, and whether the bin layout must
+grow; a second copy in the batches where it grows).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torchmetrics import Metric
@@ -39,6 +41,7 @@ from callbacks.operating_points import OPERATING_POINTS, OperatingPointEvaluatio
 from callbacks.protocol import EvaluationOptionError, ProtocolPreset, protocol_card, resolve_presets
 from datamodules.io import atomic_write_json
 from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IGNORE_INDEX
+from datamodules.streethazards import is_padding
 from lightning_modules.scoring.test_time_augmentation import TestTimeAugmentation, TTAOptions
 
 __all__ = [
@@ -91,6 +94,8 @@ class _StageState:
     negatives: NegativeScoreHistogram | None = None
     #: What the method averaged over at test time (its protocol card line).
     test_time_augmentation: str = "none"
+    #: Anomaly metrics are not accumulated this epoch (the previous epoch of the stage had no anomaly pixels).
+    skip_anomaly: bool = False
     #: Per protocol preset: the preset, the class indices it makes void, and its own metrics per
     #: score (``None`` when the default metrics already hold its values).
     protocols: dict[str, tuple[ProtocolPreset, Tensor, dict[str, AnomalyMetrics] | None]] = field(default_factory=dict)
@@ -136,8 +141,14 @@ class AnomalyEvaluation(L.Callback):
 
     Anomaly metrics are skipped in validation when the split holds no anomaly pixel
     (StreetHazards' validation split has none: the decision uses an exact, synchronised pixel
-    count, so nothing warns); on test they are always computed, and ``AnomalyMetrics`` warns
-    if they are undefined. Non-finite values are not logged; in ``metrics.json`` they are ``null``.
+    count, so nothing warns), and from then on not even accumulated in that stage's later epochs
+    (the pixel counts still are: should anomalies appear, a warning says so and the next epoch
+    scores them again); on test they are always computed, and ``AnomalyMetrics`` warns if they
+    are undefined. Non-finite values are not logged; in ``metrics.json`` they are ``null``.
+
+    Under DDP a process whose shard of the split is empty (fewer images than processes) evaluates
+    one placeholder batch (``datamodules.streethazards.is_padding``), which is not counted, so that
+    it joins the collective ``compute()`` of the others.
 
     Per-class false positives: with ``per_class_false_positives``, the primary score of every
     negative (known-class) pixel is also histogrammed per ground-truth class and per predicted
@@ -258,6 +269,8 @@ class AnomalyEvaluation(L.Callback):
         self.curves: dict[str, dict[str, dict[str, Any]]] = {}
         self.metrics_path: Path | None = None
         self._states: dict[str, _StageState] = {}
+        #: Per stage: its last epoch saw no anomaly pixel (see ``_finish``).
+        self._no_anomalies: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ accessors for other callbacks
     @property
@@ -411,16 +424,22 @@ class AnomalyEvaluation(L.Callback):
         state = self._states.get(stage)
         if state is None:
             state = self._states[stage] = self._create(pl_module, int(logits.shape[1]), names, stage)
+            state.skip_anomaly = self._no_anomalies.get(stage, False)
         elif names != state.score_names:
             raise ValueError(f"the method's score names changed within an epoch: {state.score_names} then {names}")
+        if is_padding(batch):
+            return  # a process without samples evaluates a placeholder so that it joins the collectives
 
         size = mask.shape[-2:]
         preds = resize_to(logits, size).argmax(dim=1)
         state.segmentation.update(preds, mask)
         state.counts.update(mask)
+        if state.skip_anomaly:
+            return
         resized = {name: resize_to(score, size).float() for name, score in scores.items()}
-        for name, score in resized.items():
-            state.anomaly[name].update(score, mask)
+        # Every pooled histogram of the batch at once: one wait for the device in all (two when a
+        # layout grows), instead of one per score and protocol.
+        updates = [(state.anomaly[name], score, mask) for name, score in resized.items()]
         for preset, void_index, own in state.protocols.values():
             if own is None:
                 continue
@@ -429,8 +448,8 @@ class AnomalyEvaluation(L.Callback):
             if preset.images == "with_anomalies":
                 has_anomaly = (mask == state.counts.anomaly_index).flatten(1).any(dim=1).view(-1, 1, 1)
                 protocol_mask = torch.where(has_anomaly, protocol_mask, ignore)
-            for name, metric in own.items():
-                metric.update(resized[name], protocol_mask)
+            updates.extend((metric, resized[name], protocol_mask) for name, metric in own.items())
+        AnomalyMetrics.update_many(updates)
         if stage == "test" and self.operating_points is not None:
             images = batch.get("image")
             if images is not None and tuple(images.shape[-2:]) != tuple(size):
@@ -463,7 +482,18 @@ class AnomalyEvaluation(L.Callback):
         anomaly: dict[str, dict[str, float]] = {}
         protocols: dict[str, dict[str, Any]] = {}
         curves: dict[str, dict[str, Any]] = {}
-        if counts["anomaly_pixels"] > 0 or stage == "test":
+        if stage == "validate":
+            # A split without anomaly pixels (StreetHazards' validation split) is not scored in the
+            # next epochs of this stage: every score's histograms and per-image sorts are skipped.
+            self._no_anomalies[stage] = counts["anomaly_pixels"] == 0
+        if state.skip_anomaly:
+            if counts["anomaly_pixels"] > 0:  # the split changed since the epoch that had none
+                rank_zero_warn(
+                    f"AnomalyEvaluation: the {prefix} split now has {counts['anomaly_pixels']} anomaly pixels (the "
+                    "previous epoch had none, so this epoch did not accumulate anomaly metrics); they are computed "
+                    "again from the next epoch"
+                )
+        elif counts["anomaly_pixels"] > 0 or stage == "test":
             for name, metric in state.anomaly.items():
                 anomaly[name] = metric.compute()
                 if 0 < counts["anomaly_pixels"] < counts["valid_pixels"]:
@@ -480,7 +510,10 @@ class AnomalyEvaluation(L.Callback):
                 for key, value in values["scores"][state.primary].items():
                     log(f"{prefix}/{protocol}/{key}", value)
         elif stage == "validate":
-            rank_zero_info("AnomalyEvaluation: the validation split has no anomaly pixels; anomaly metrics skipped")
+            rank_zero_info(
+                "AnomalyEvaluation: the validation split has no anomaly pixels; anomaly metrics skipped (and not "
+                "accumulated in the next validation epochs)"
+            )
         anomaly_fraction = counts["anomaly_pixels"] / counts["valid_pixels"] if counts["valid_pixels"] else math.nan
         log(f"{prefix}/anomaly_fraction", anomaly_fraction)
 

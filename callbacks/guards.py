@@ -1,7 +1,7 @@
 """Guards that keep long training runs recoverable: preemption, numerical faults, wrong checkpoints.
 
-- :class:`PreemptionCheckpoint`: on SIGTERM or SIGUSR1 during ``fit``, save ``last.ckpt`` at the
-  end of the current training batch (every process, together) and stop with
+- :class:`PreemptionCheckpoint`: on SIGTERM or SIGUSR1 during ``fit``, save ``last.ckpt`` at a
+  training batch boundary all processes agree on (never inside the signal handler) and stop with
   :class:`TrainingPreempted` (exit code ``128 + signal``, the shell's convention for a process
   ended by a signal), so that ``--ckpt_path last`` continues exactly there.
 - :class:`NonFiniteLossGuard`: stop on the first NaN/inf training loss with
@@ -27,6 +27,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -34,6 +35,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 __all__ = [
+    "GuardOptionError",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "PreemptionCheckpoint",
@@ -59,6 +61,10 @@ def checkpoint_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.default_root_dir) / "checkpoints"
 
 
+class GuardOptionError(ValueError):
+    """An invalid ``preemption.*`` or ``nonfinite.*`` option (a one-line user error on the command line)."""
+
+
 # --------------------------------------------------------------------------------------- preemption
 class TrainingPreempted(SystemExit):
     """``fit`` stopped on a signal after saving a checkpoint; ``code`` is ``128 + signal number``.
@@ -82,19 +88,30 @@ class PreemptionCheckpoint(L.Callback):
     """Save ``last.ckpt`` and stop cleanly when the job is asked to stop (SIGTERM, SIGUSR1).
 
     Schedulers announce the end of a job with a signal: SLURM sends SIGTERM (and, with
-    ``--signal=SIGUSR1@90``, SIGUSR1 90 s before the time limit); ``kill`` and container
-    runtimes send SIGTERM. The signal handler only records the signal (handlers run between
-    Python bytecodes, possibly inside a collective, so nothing heavy happens there) and then
-    calls the handler that was installed before it, so Lightning's own SIGTERM handling (which
-    forwards the signal to the DDP worker processes) and SLURM auto-requeue keep working.
+    ``--signal=SIGUSR1@90``, SIGUSR1 90 s before the time limit) to every process of the job step;
+    ``kill`` and container runtimes send SIGTERM. During training the signal handler only records
+    the signal: handlers run between Python bytecodes, anywhere (inside a collective, a backward
+    pass, a checkpoint write), so nothing else may happen there. In particular it does not hand
+    the signal on to Lightning's handlers, which do exactly that: with a ``SLURMEnvironment(
+    auto_requeue=True)`` Lightning saves a checkpoint inside its SIGUSR1 handler on every process,
+    which under DDP runs the collectives of the checkpoint hooks at whatever point each process was
+    interrupted and hangs the job until its time limit (Lightning issue 21406), and its SIGTERM
+    handler broadcasts under DDP from inside the handler. Handlers installed before ``fit`` (which
+    Lightning wraps) are still called.
 
-    At the end of the next training batch the processes agree whether any of them received a
-    signal (one scalar all-reduce per step under DDP, like Lightning's own SIGTERM broadcast;
-    nothing in a single process), all save ``<checkpoint dir>/last.ckpt`` (atomically, through
-    the trainer's checkpoint IO) and raise :class:`TrainingPreempted`. A signal that arrives
-    during validation makes Lightning abort with its ``SIGTERMException``; in a single process
-    the checkpoint is then saved from ``on_exception`` (under DDP the processes cannot agree at
-    that point, so the previous ``last.ckpt`` is what a restart resumes from).
+    The processes then agree at a training batch boundary whether any of them received a signal:
+    after every batch in a single process (a Python flag, no device work), every
+    ``check_every_n_steps`` batches under DDP (one scalar all-reduce read on the host; every
+    process counts the same batches, so they all check at the same one). If so, all of them save
+    ``<checkpoint dir>/last.ckpt`` together (atomically, through the trainer's checkpoint IO) and
+    raise :class:`TrainingPreempted`: the process exits with ``128 + signal`` (143 for SIGTERM, 138
+    for SIGUSR1), on which ``configs/slurm.sbatch`` requeues the job, whose identical command
+    continues with ``--ckpt_path last``. A signal that arrives during validation takes effect at the
+    next training batch; one after the last training batch lets the run finish (exit code 0).
+
+    Under DDP, Lightning's own per-step broadcast of its SIGTERM flag (a collective and a host read
+    every step) is switched off during training: that flag is only set by Lightning's handler,
+    which this callback replaces while training runs.
 
     At the start of ``fit``, temporary checkpoint files left by a process killed while writing
     (``.<name>.ckpt.<hex>.tmp``) are deleted from the checkpoint folder.
@@ -102,29 +119,41 @@ class PreemptionCheckpoint(L.Callback):
     Args:
         signals: signal names to handle during training (those the platform lacks are skipped).
         filename: checkpoint name without extension (``last`` is what ``--ckpt_path last`` finds).
+        check_every_n_steps: under DDP, training batches between two agreements (a signal is acted
+            upon at most this many batches late; SLURM's warning comes 90 s before the end).
     """
 
-    def __init__(self, signals: Sequence[str] = ("SIGTERM", "SIGUSR1"), filename: str = "last") -> None:
+    def __init__(
+        self,
+        signals: Sequence[str] = ("SIGTERM", "SIGUSR1"),
+        filename: str = "last",
+        check_every_n_steps: int = 10,
+    ) -> None:
         super().__init__()
         if not filename:
-            raise ValueError("preemption.filename must not be empty")
+            raise GuardOptionError("preemption.filename must not be empty")
+        if isinstance(check_every_n_steps, bool) or check_every_n_steps < 1:
+            raise GuardOptionError(f"preemption.check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.signal_names = tuple(signals)
         unknown = [name for name in self.signal_names if not name.startswith("SIG") or name in ("SIGKILL", "SIGSTOP")]
         if unknown:
-            raise ValueError(f"preemption.signals: cannot handle {unknown}")
+            raise GuardOptionError(f"preemption.signals: cannot handle {unknown}")
         self.filename = filename
+        self.check_every_n_steps = int(check_every_n_steps)
         self.received: int | None = None
         self.saved_path: Path | None = None
         self._previous: dict[int, Any] = {}
+        self._batches = 0
+        self._silenced_loop: Any = None
 
     # ------------------------------------------------------------------ signal handling
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
-        previous = self._previous.get(signum)
-        # SIG_DFL would end the process (SIGUSR1's default action); SIG_IGN does nothing.
-        if callable(previous):
-            previous(signum, frame)
+        # Lightning's handlers are the ones this replaces (see the class docstring); SIG_DFL would
+        # end the process (SIGUSR1's default action), SIG_IGN does nothing.
+        for handler in _other_handlers(self._previous.get(signum)):
+            handler(signum, frame)
 
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -145,50 +174,77 @@ class PreemptionCheckpoint(L.Callback):
                 signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
 
+    def _silence_lightning_sigterm_broadcast(self, trainer: L.Trainer) -> None:
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if trainer.world_size > 1 and callable(getattr(epoch_loop, "_broadcast_sigterm_tensor", None)):
+            epoch_loop._broadcast_sigterm_tensor = _nothing  # an instance attribute shadows the method
+            self._silenced_loop = epoch_loop
+
+    def _restore_lightning_sigterm_broadcast(self) -> None:
+        if self._silenced_loop is not None:
+            self._silenced_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
+            self._silenced_loop = None
+
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.received, self.saved_path = None, None
         if trainer.is_global_zero:
             _remove_temporary_checkpoints(checkpoint_dir(trainer))
+        environment = getattr(trainer._accelerator_connector, "cluster_environment", None)
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
+            rank_zero_info(
+                "PreemptionCheckpoint handles SLURM's SIGUSR1 during training (saves at a batch boundary, exit code "
+                "138); SLURMEnvironment(auto_requeue=True) would save inside Lightning's signal handler outside "
+                "training: prefer auto_requeue: false and requeue from the batch script (configs/slurm.sbatch)"
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning registers its handlers just before the training stage starts; installing
-        # ours here (after it) lets ours record the signal and then hand it on to Lightning's.
+        # ours here (after it) replaces them until the trainer tears down (it restores its own).
+        self._batches = 0
         self._install()
+        self._silence_lightning_sigterm_broadcast(trainer)
         if repair_resume_after_last_batch(trainer):
             rank_zero_info("PreemptionCheckpoint: resumed after the last batch of an epoch; starting the next one")
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._batches += 1
         signum = self.received or 0
         if trainer.world_size > 1:
             # Processes receive the signal at different moments; they must save (a collective)
-            # and stop at the same batch.
-            agreed = torch.tensor(signum, device=trainer.strategy.root_device)
-            signum = int(trainer.strategy.reduce(agreed, reduce_op="max"))
+            # and stop at the same batch. No barrier: the all-reduce itself waits for everyone.
+            if self._batches % self.check_every_n_steps:
+                return
+            agreed = torch.tensor([signum], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+            signum = int(agreed.item())
         if not signum:
             return
         path = self._save(trainer, signum)
         raise TrainingPreempted(signum, trainer.global_step, path)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_lightning_sigterm_broadcast()
         if not isinstance(exception, SIGTERMException) or self.saved_path is not None:
             return
+        # Lightning's own SIGTERM stop (its handler is active outside training, e.g. in the sanity check).
         if trainer.global_step == 0 or trainer.state.fn != TrainerFn.FITTING:
             return
         if trainer.world_size > 1:
             rank_zero_warn(
-                "PreemptionCheckpoint: SIGTERM arrived outside a training batch under DDP; no checkpoint saved "
-                "now, a restart resumes from the previous last.ckpt"
+                "PreemptionCheckpoint: SIGTERM arrived outside training under DDP; no checkpoint saved now, a "
+                "restart resumes from the previous last.ckpt"
             )
             return
         self._save(trainer, signal.SIGTERM)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._uninstall()
+        self._restore_lightning_sigterm_broadcast()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_lightning_sigterm_broadcast()
         self._uninstall()
 
     def _save(self, trainer: L.Trainer, signum: int) -> Path:
@@ -200,6 +256,29 @@ class PreemptionCheckpoint(L.Callback):
             f"{trainer.global_step}"
         )
         return path
+
+
+def _nothing() -> None:
+    return None
+
+
+def _other_handlers(handler: Any) -> list[Any]:
+    """The callable handlers in ``handler`` that are not Lightning's own (see PreemptionCheckpoint).
+
+    Lightning's signal connector installs a composition of its own handlers and the ones it found
+    (it always wraps SIGTERM's); those found are kept, its own are dropped.
+    """
+    try:
+        from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose, _SignalConnector
+    except ImportError:  # another Lightning version: its handlers are not recognised
+        return [handler] if callable(handler) else []
+    if not isinstance(handler, _HandlersCompose):
+        return [handler] if callable(handler) else []
+    return [
+        inner
+        for inner in handler.signal_handlers
+        if callable(inner) and not isinstance(getattr(inner, "__self__", None), _SignalConnector)
+    ]
 
 
 def repair_resume_after_last_batch(trainer: L.Trainer) -> bool:
@@ -275,7 +354,7 @@ class NonFiniteLossGuard(L.Callback):
     def __init__(self, check_every_n_steps: int = 10) -> None:
         super().__init__()
         if check_every_n_steps < 1:
-            raise ValueError(f"nonfinite.check_every_n_steps must be >= 1, got {check_every_n_steps}")
+            raise GuardOptionError(f"nonfinite.check_every_n_steps must be >= 1, got {check_every_n_steps}")
         self.check_every_n_steps = int(check_every_n_steps)
         self._record: Tensor | None = None
         self._batches = 0

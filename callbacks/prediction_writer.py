@@ -41,6 +41,7 @@ from callbacks.evaluation import resize_to
 from callbacks.visualization import apply_colormap, colormap_lut, denormalize, label_lut
 from datamodules.io import atomic_open
 from datamodules.labels import ANOMALY_INDEX, PALETTE
+from datamodules.streethazards import is_padding
 
 __all__ = [
     "FLOAT16_MAX",
@@ -329,6 +330,8 @@ class AnomalyPredictionWriter(BasePredictionWriter):
                 "{name: [B, h, w]}, ...} as AnomalySegmentationModule.predict_step does; "
                 f"got {type(prediction).__name__}"
             )
+        if is_padding(batch):  # a placeholder of a process without images (see datamodules)
+            return
         scores: Mapping[str, Tensor] = prediction["scores"]
         primary = self.score if self.score is not None else next(iter(scores))
         if primary not in scores:

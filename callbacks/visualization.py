@@ -37,6 +37,7 @@ from callbacks.rendering import (
     stack_rows,
 )
 from datamodules.labels import ANOMALY_INDEX, PALETTE
+from datamodules.streethazards import is_padding
 
 __all__ = [
     "AnomalyHeatmapLogger",
@@ -209,6 +210,8 @@ class AnomalyHeatmapLogger(L.Callback):
         batch_idx: int,
     ) -> None:
         if batch_idx % self.every_n_batches or not trainer.is_global_zero:
+            return
+        if is_padding(batch):  # a placeholder of a process without samples (see datamodules)
             return
         if not isinstance(outputs, Mapping) or not outputs.get("scores"):
             return

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import signal
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -32,11 +33,10 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from datamodules.io import atomic_write_text
 from datamodules.labels import (
@@ -587,6 +587,80 @@ class EpochShuffleSampler(Sampler[int]):
         yield from (offset + i for i in torch.randperm(self.num_samples, generator=generator).tolist())
 
 
+#: The batch entry that marks a placeholder batch (see :class:`EvaluationShardSampler`).
+PADDING_KEY = "padding"
+#: The index a :class:`EvaluationShardSampler` gives a process whose share is empty.
+PLACEHOLDER_INDEX = -1
+
+
+def is_padding(batch: Any) -> bool:
+    """Whether ``batch`` is the placeholder of a process that has no sample of an evaluation split.
+
+    Such a batch holds a copy of the split's first sample; evaluation, heatmaps, predictions and
+    post-hoc statistics must not count it.
+    """
+    return isinstance(batch, Mapping) and PADDING_KEY in batch
+
+
+class EvaluationShardSampler(DistributedSampler):
+    """Process ``rank``'s share of an evaluation split: samples ``rank, rank + W, ...`` of ``W`` processes.
+
+    Every sample is evaluated exactly once over all processes (Lightning's default distributed
+    sampler pads the shards by repeating samples, which would count them twice in the metrics).
+    A process whose share is empty (fewer samples than processes, e.g. one test image on two
+    GPUs) gets one placeholder index instead, which :class:`WithPlaceholder` turns into a batch
+    marked by :data:`PADDING_KEY`: Lightning skips an evaluation loop without batches altogether
+    (its hooks included), so that process would miss the collective ``compute()`` of the others and
+    they would wait for it forever. A ``DistributedSampler`` so that Lightning leaves it in place.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, placeholder: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        size = len(dataset)  # type: ignore[arg-type]
+        self.indices = list(range(rank, size, num_replicas)) or ([PLACEHOLDER_INDEX] if size and placeholder else [])
+        self.num_samples = len(self.indices)
+        self.total_size = size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class WithPlaceholder(Dataset):
+    """``dataset`` whose item :data:`PLACEHOLDER_INDEX` is its first item marked as padding."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        if index == PLACEHOLDER_INDEX:
+            return {**self.dataset[0], PADDING_KEY: True}
+        return self.dataset[index]
+
+
+def ignore_termination_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: workers ignore SIGTERM and SIGUSR1.
+
+    Schedulers signal every process of a job (SLURM signals the whole job step, loader workers
+    included). The training process decides when to stop (``callbacks.guards.PreemptionCheckpoint``
+    saves at a batch boundary); a worker ended by the signal would make the next batch fail first.
+    Workers still end with their process (they watch it) and on SIGKILL. Lightning's worker
+    seeding (``seed_everything(workers=True)``) is kept: it is applied here as Lightning would.
+    """
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
+
+
 class _SkipFirstBatches:
     """Index batches of ``loader`` whose next iteration starts ``loader.skip_batches`` batches in."""
 
@@ -991,20 +1065,20 @@ class StreetHazardsDataModule(L.LightningDataModule):
             # Its own generator: creating an iterator draws nothing from the global RNG, so the
             # workers' seeds do not depend on what the model drew before (nor the reverse).
             "generator": torch.Generator().manual_seed(self.seed),
+            "worker_init_fn": ignore_termination_signals,
         }
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, **kwargs: Any) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **self._loader_options(), **kwargs)
 
-    def _eval_sampler(self, dataset: Dataset) -> UnrepeatedDistributedSampler | None:
+    def _eval_sampler(self, dataset: Dataset, placeholder: bool = True) -> DistributedSampler | None:
         """Under DDP each sample is evaluated exactly once: Lightning's default distributed sampler
-        pads the last batch by repeating samples, which would count them twice in the metrics."""
+        pads the last batch by repeating samples, which would count them twice in the metrics. With
+        ``placeholder``, a process without samples gets a placeholder (:class:`EvaluationShardSampler`)."""
         trainer = getattr(self, "trainer", None)  # LightningDataModule.trainer, set by the Trainer
         if trainer is None or trainer.world_size <= 1:
             return None
-        return UnrepeatedDistributedSampler(
-            dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
-        )
+        return EvaluationShardSampler(dataset, trainer.world_size, trainer.global_rank, placeholder=placeholder)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.datasets["train"]
@@ -1047,16 +1121,19 @@ class StreetHazardsDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.datasets["test"])
 
-    def _eval_loader(self, dataset: Dataset, batch_size: int | None = None) -> DataLoader:
-        return self._loader(
-            dataset, batch_size or self.eval_batch_size, shuffle=False, sampler=self._eval_sampler(dataset)
-        )
+    def _eval_loader(self, dataset: Dataset, batch_size: int | None = None, placeholder: bool = True) -> DataLoader:
+        sampler = self._eval_sampler(dataset, placeholder)
+        if sampler is not None and placeholder:
+            dataset = WithPlaceholder(dataset)
+            sampler.dataset = dataset
+        return self._loader(dataset, batch_size or self.eval_batch_size, shuffle=False, sampler=sampler)
 
     def calibration_dataloader(self) -> DataLoader | None:
         """The calibration split: validation images with pasted outliers (``data.calibration``), at
         the test resolution, sharded without repeats; ``None`` when disabled or not set up."""
         dataset = self.datasets.get("calibration")
-        return self._eval_loader(dataset) if dataset is not None else None
+        # No placeholder: the calibration pass is the evaluation's own loop (an empty shard scores nothing).
+        return self._eval_loader(dataset, placeholder=False) if dataset is not None else None
 
     def calibration_card(self) -> dict[str, Any] | None:
         """What the calibration split is, for result files."""
@@ -1083,7 +1160,9 @@ class StreetHazardsDataModule(L.LightningDataModule):
         batches come moved to the trainer's device (the CPU without a trainer) and normalized.
         """
         size = self.test_image_size if self.posthoc_at_test_size else self.image_size
-        loader = self._eval_loader(self._dataset("train", image_size=size, anomaly_to_ignore=True))
+        dataset = self._dataset("train", image_size=size, anomaly_to_ignore=True)
+        # No placeholder: the post-hoc fit is the module's own loop, which handles an empty shard.
+        loader = self._eval_loader(dataset, placeholder=False)
         if not self.normalize_on_device:
             return loader
         trainer = getattr(self, "trainer", None)

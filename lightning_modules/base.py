@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX, NUM_CLASSES
+from datamodules.streethazards import is_padding
 from lightning_modules.scoring.baselines import baseline_scores
 from lightning_modules.scoring.test_time_augmentation import TestTimeAugmentation
 
@@ -190,6 +191,18 @@ class AnomalySegmentationModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(self.training_batch_seed(batch, batch_idx))
 
+    def log_loss_to_progress_bar(self, loss: Tensor, batch_size: int) -> None:
+        """Show the training loss in the progress bar as its mean over the last finished epoch.
+
+        Lightning reads every ``prog_bar`` value logged for a step back to the host after every
+        training batch, which waits for the accelerator each step; an epoch mean is accumulated on
+        the device and read once per epoch. The per-step loss goes to the logger (``train/loss``,
+        read every ``log_every_n_steps``).
+        """
+        self.log(
+            "train/loss_epoch", loss, on_step=False, on_epoch=True, prog_bar=True, logger=False, batch_size=batch_size
+        )
+
     def segmentation_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """Cross-entropy in float32 (also under mixed precision), optional class weights, ignore 255."""
         weight = self.class_weights if self.hparams.class_weighting != "none" else None
@@ -332,6 +345,8 @@ class AnomalySegmentationModule(L.LightningModule):
             self._reset_accumulators(pass_index)
             self.start_posthoc_pass(pass_index, num_batches)
             for batch in batches:
+                if is_padding(batch):
+                    continue
                 batch = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
                 self.update_posthoc(batch, pass_index)
             self._reduce_accumulators(pass_index)

@@ -456,6 +456,44 @@ def test_validation_without_anomalies_skips_anomaly_metrics_quietly(tmp_path):
     assert decode(acc, "val/heatmap/img000").shape == (2 * H + 3 * 4, 2 * W + 3 * 4, 3)
 
 
+def test_later_validation_epochs_of_a_split_without_anomalies_skip_the_anomaly_histograms(tmp_path):
+    """After a validation epoch without anomaly pixels, the next ones do not feed the pooled
+    histograms or per-image sorts at all (only the closed-set metrics and pixel counts); if the
+    split then holds anomalies, a warning says so and the epoch after scores them again."""
+    evaluation = AnomalyEvaluation(per_class_false_positives=False)
+    model, clean, dirty = ToyMethod(), ToyData(anomalies=False), ToyData()
+    trainer = make_trainer(tmp_path, [evaluation])
+    first = trainer.validate(model, loader(clean))[0]
+    assert evaluation._no_anomalies == {"validate": True}
+    second = trainer.validate(model, loader(clean))[0]
+    assert second["val/miou"] == first["val/miou"]
+    assert all(
+        int(metric.image_count) == 0 and int(metric.counts.sum()) == 0 for metric in evaluation.val_metrics.values()
+    )
+    with pytest.warns(UserWarning, match="the val split now has 104 anomaly pixels"):
+        skipped = trainer.validate(model, loader(dirty))[0]
+    assert not any(key.endswith(("aupr", "auroc")) for key in skipped)
+    scored = trainer.validate(model, loader(dirty))[0]
+    ref = reference_outputs(model, dirty)
+    assert scored["val/aupr"] == pytest.approx(reference_anomaly(ref["mask"], ref["red"])["aupr"], abs=1e-4)
+
+
+def test_a_placeholder_batch_is_not_counted(tmp_path):
+    """Under DDP a process without samples evaluates a placeholder batch (datamodules'
+    EvaluationShardSampler) only to join the collectives: nothing of it is counted."""
+    from datamodules.streethazards import PADDING_KEY
+
+    class WithPlaceholder(ToyData):
+        def __getitem__(self, i: int) -> dict:
+            return {**super().__getitem__(i), PADDING_KEY: True}
+
+    evaluation = AnomalyEvaluation()
+    make_trainer(tmp_path, [evaluation]).test(ToyMethod(), loader(WithPlaceholder()))
+    result = evaluation.results["test"]
+    assert result["num_images"] == 0 and result["num_valid_pixels"] == 0
+    assert all(int(metric.counts.sum()) == 0 for metric in evaluation.test_metrics.values())
+
+
 def test_validation_with_anomalies_logs_anomaly_metrics(tmp_path):
     evaluation = AnomalyEvaluation(per_class_false_positives=False)
     model, data = ToyMethod(), ToyData()

@@ -458,3 +458,48 @@ def test_predict_on_images_of_their_own_sizes_turns_cudnn_autotuning_off(
     fixed = make_dm(release_root, predict_dir=str(release_root / "test"), predict_image_size=(12, 20))
     fixed.setup("predict")  # one size: autotuning stays on
     assert torch.backends.cudnn.benchmark is True
+# ----------------------------------------------------------------------------- processes and signals
+def test_evaluation_shards_cover_every_sample_once_and_an_empty_shard_gets_a_placeholder(release_root: Path) -> None:
+    """3 test images on 4 processes: shards [0], [1], [2] and a placeholder for rank 3 (Lightning
+    would skip that process's evaluation loop, hooks included, and the others would wait for it in
+    their collective compute()); the placeholder batch is the first image marked as padding."""
+    from types import SimpleNamespace
+
+    from datamodules.streethazards import EvaluationShardSampler, is_padding
+
+    dm = make_dm(release_root, eval_batch_size=2)
+    dm.setup("test")
+    shards = []
+    for rank in range(4):
+        dm.trainer = SimpleNamespace(world_size=4, global_rank=rank)
+        loader = dm.test_dataloader()
+        assert isinstance(loader.sampler, EvaluationShardSampler)
+        batches = list(loader)
+        assert len(batches) == 1
+        shards.append((batches[0]["name"], is_padding(batches[0])))
+    assert shards[:3] == [(["000"], False), (["001"], False), (["002"], False)]
+    assert shards[3] == (["000"], True)
+    # The post-hoc loader (the module's own loop) gets no placeholder.
+    dm.trainer = SimpleNamespace(world_size=8, global_rank=7)
+    dm.setup("fit")
+    assert list(dm.posthoc_dataloader()) == []
+
+
+def test_loader_workers_ignore_termination_signals(release_root: Path) -> None:
+    """SLURM signals every process of a job step: a loader worker killed by SIGUSR1 or SIGTERM would
+    fail the next batch before the training process could stop at a batch boundary."""
+    import os
+    import signal
+    import time
+
+    dm = make_dm(release_root, num_workers=1, eval_batch_size=1)
+    dm.setup("test")
+    loader = dm.test_dataloader()
+    iterator = iter(loader)
+    next(iterator)
+    (worker,) = iterator._workers
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        os.kill(worker.pid, signum)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert [batch["name"] for batch in iterator] == [["001"], ["002"]]

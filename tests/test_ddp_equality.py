@@ -7,6 +7,7 @@ statistics during training and in a checkpoint written within an epoch."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -128,3 +129,23 @@ def test_ddp_dual_decoder_checkpoint_within_an_epoch_holds_all_processes_sums(da
     assert torch.equal(counts[0] + counts[1], uninterrupted[0] + uninterrupted[1])
     for name in EpochStatistics.STATISTICS:
         assert torch.equal(resumed[0]["statistics"][0][name], resumed[1]["statistics"][0][name]), name
+
+
+def test_ddp_test_with_one_image_on_two_processes_finishes(tmp_path: Path) -> None:
+    """One test image on 2 gloo processes: rank 1 has no image. It evaluates a placeholder batch
+    (not counted) so that it takes part in the post-hoc fit at test start and in every collective
+    compute(); before, its sampler asserted and rank 0 waited in the first collective forever."""
+    from datamodules.synthetic import write_synthetic_streethazards
+
+    root = tmp_path / "data"
+    write_synthetic_streethazards(root, 3, 1, 1, image_size=(64, 96), seed=5)
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "main.py", "test", *cli_args(root, out),
+        "--trainer.strategy=ddp", "--trainer.devices=2",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out / "run" / "run" / "metrics.json").read_text())
+    assert metrics["num_images"] == 1 and metrics["num_valid_pixels"] <= 64 * 96

@@ -6,6 +6,8 @@ independently of the vectorized implementation it checks.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -372,15 +374,34 @@ def test_anomaly_score_matches_definition(valid) -> None:
     batch["embedding"] *= 0.5
     class_valid = None if valid is None else torch.tensor(valid)
     got = dual_decoder_anomaly_score(batch["logits"], batch["embedding"], means, stds, xi=1.5, class_valid=class_valid)
-    want = ref_score(batch, means, stds, 1.5, valid)
+    want = ref_score(batch, means, stds, 1.5, valid)  # the paper's (s_sem + s_con) / 2
     assert got.shape == (B, H, W)
-    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+    # Reported as -log(1 - score): an increasing map of the paper's score.
+    np.testing.assert_allclose(got.numpy(), -np.log1p(-want), rtol=1e-10, atol=1e-12)
     assert want.min() < 0.4 and want.max() > 0.6  # the check covers a real range
+    assert np.array_equal(np.argsort(got.numpy(), axis=None), np.argsort(want, axis=None))
     # The two parts separately.
     s_con = contrastive_anomaly_score(batch["embedding"], xi=1.5)
     s_sem = semantic_anomaly_score(batch["logits"], means, stds, class_valid)
-    torch.testing.assert_close(0.5 * (s_sem + s_con), got)
+    torch.testing.assert_close(-torch.log1p(-0.5 * (s_sem + s_con)), got)
     assert (s_con >= 0).all() and (s_con <= 1).all() and (s_sem >= 0).all() and (s_sem <= 1).all()
+
+
+def test_anomaly_score_does_not_saturate_in_float32() -> None:
+    """Far from every class mean and at the origin of the embedding, the paper's float32 score is
+    1.0 for every distance above 34.7 (all tied); the reported score keeps their order."""
+    means, stds = torch.zeros(K, K), torch.ones(K, K)
+    distances = torch.tensor([30.0, 36.0, 40.0, 60.0, 100.0, 200.0, 400.0, 1000.0])
+    # Logit vectors at squared distance d from every class mean (0): sqrt(d) on one dimension.
+    logits = torch.zeros(1, K, 1, distances.numel())
+    logits[0, 0, 0] = distances.sqrt()
+    embedding = torch.zeros(1, D, 1, distances.numel())
+    paper = 0.5 * (semantic_anomaly_score(logits, means, stds) + contrastive_anomaly_score(embedding))
+    assert paper.dtype == torch.float32 and (paper[0, 0, 1:] == 1.0).all()  # the tie this avoids
+    got = dual_decoder_anomaly_score(logits, embedding, means, stds)[0, 0]
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert (got.diff() > 0).all()
+    torch.testing.assert_close(got, distances / 2 + math.log(2.0))  # exp(-d/2)/2 -> d/2 + log 2
 
 
 def test_anomaly_score_upcasts_bfloat16() -> None:

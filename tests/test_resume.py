@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from tests.helpers import (
     callbacks_arg,
     checkpoint_dir,
     cli_args,
+    free_port,
     load,
     method_config_args,
     mtime,
@@ -125,8 +127,8 @@ def test_truncated_last_resumes_from_older_valid_checkpoint(
 @pytest.mark.slow
 def test_sigterm_saves_last_and_the_same_command_resumes_in_the_same_folder(data_root: Path, tmp_path: Path) -> None:
     """``kill -TERM`` from outside, then the requeued job's identical command. On this tiny run the
-    signal usually lands in a validation pass (Lightning aborts it; the checkpoint is saved from
-    on_exception); a signal during a training batch: test_signal_in_a_batch_saves_last_at_that_step_..."""
+    signal often lands in a validation pass, which finishes; the checkpoint is saved at the end of
+    the next training batch (a signal during a training batch: test_signal_in_a_batch_saves_...)."""
     out, epochs = tmp_path / "preempted", 3
     command = [sys.executable, "main.py", "fit", *cli_args(data_root, out), f"--trainer.max_epochs={epochs}"]
     command.append("--ckpt_path=last")  # what a requeued job runs, the first time too
@@ -179,6 +181,26 @@ def test_signal_in_a_batch_saves_last_at_that_step_and_the_same_command_continue
     assert load(last)["global_step"] == 3 * STEPS_PER_EPOCH
 
 
+def test_the_preemption_handler_records_and_calls_the_earlier_handlers_but_not_lightnings() -> None:
+    """During training the handler only records the signal: Lightning's own handlers (SLURM
+    auto-requeue's in-handler checkpoint, its SIGTERM broadcast) are dropped from the chain, a
+    handler that was there before Lightning wrapped it is still called."""
+    from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose, _SignalConnector
+
+    from callbacks.guards import PreemptionCheckpoint
+
+    calls = []
+    connector = _SignalConnector.__new__(_SignalConnector)  # no trainer: calling its handlers would raise
+    callback = PreemptionCheckpoint()
+    callback._previous = {
+        signal.SIGUSR1: _HandlersCompose([connector._slurm_sigusr_handler_fn]),
+        signal.SIGTERM: _HandlersCompose([connector._sigterm_notifier_fn, lambda s, f: calls.append(s)]),
+    }
+    callback._handler(signal.SIGUSR1, None)
+    callback._handler(signal.SIGTERM, None)
+    assert callback.received == signal.SIGUSR1 and calls == [signal.SIGTERM]
+
+
 def test_batch_seed_is_a_function_of_seed_epoch_batch_and_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_modules.base import batch_seed
 
@@ -219,26 +241,92 @@ def test_preempted_and_resumed_fit_ends_with_the_weights_of_an_uninterrupted_one
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+FAKE_SRUN = """#!{python}
+# srun for the tests: SLURM_NTASKS copies of the command with the variables srun gives each task,
+# each in a process group of its own (the test signals a whole group, rank and loader workers,
+# as SLURM signals a job step); writes their pids, then their exit codes; exits with the highest.
+import os, subprocess, sys
+tasks = []
+for rank in range(int(os.environ["SLURM_NTASKS"])):
+    env = {{**os.environ, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0"}}
+    tasks.append(subprocess.Popen(sys.argv[1:], env=env, start_new_session=True))
+with open(os.environ["FAKE_SRUN_LOG"], "w") as log:
+    log.write(" ".join(str(task.pid) for task in tasks) + "\\n")
+codes = [task.wait() for task in tasks]
+with open(os.environ["FAKE_SRUN_LOG"], "a") as log:
+    log.write(" ".join(map(str, codes)) + "\\n")
+sys.exit(max(code if code >= 0 else 128 - code for code in codes))
+"""
+
+
 @pytest.mark.slow
-def test_ddp_signal_on_one_process_stops_both_at_the_same_step(data_root: Path, tmp_path: Path) -> None:
-    """2 gloo processes; only rank 1 gets SIGUSR1. Both agree to save at that batch and stop (a
-    rank that saved alone would deadlock in the collective save or the next all-reduce). Each
-    process gets 6 of the 11 training images (the training sampler pads): one step per epoch."""
-    out, epochs = tmp_path / "ddp", 5
-    command = [
-        sys.executable, "main.py", "fit", *cli_args(data_root, out), f"--trainer.max_epochs={epochs}",
-        "--trainer.strategy=ddp", "--trainer.devices=2", "--ckpt_path=last",
+def test_slurm_preemption_under_ddp_saves_once_exits_138_is_requeued_and_resumes(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """``configs/slurm.sbatch`` with the shipped ``configs/trainer/slurm.yaml`` (on CPU: gloo, fp32)
+    and two tasks started as srun starts them (SLURM's variables, one process group each, one
+    loader worker each). SIGUSR1 goes to every process of rank 1's group, then of rank 0's, as
+    ``--signal=SIGUSR1@90`` does: both ranks stop after the same step (the one rank 1's signal
+    reached, or a later one), last.ckpt holds that step, no other checkpoint is written (Lightning's
+    in-handler save is off), both exit with 138, the loader workers survive the signal, and the
+    script requeues the job. The requeued job's identical command continues to the full step count.
+    Each process gets 6 of the 11 training images (the training sampler pads): one step per epoch."""
+    epochs = 4
+    out = tmp_path / "slurm"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    args = [
+        *cli_args(data_root, out), "--config=configs/trainer/slurm.yaml", "--trainer.accelerator=cpu",
+        "--trainer.devices=2", "--trainer.num_nodes=1", "--trainer.precision=32-true", "--trainer.benchmark=false",
+        "--trainer.sync_batchnorm=false", f"--trainer.max_epochs={epochs}", "--data.num_workers=1",
+        "--preemption.check_every_n_steps=1",
     ]  # fmt: skip
-    signal_rank1 = callbacks_arg(("SignalAt", {"step": 3, "signum": int(signal.SIGUSR1), "rank": 1}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    stopped = subprocess.run([*command, signal_rank1], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert stopped.returncode == 128 + signal.SIGUSR1, stopped.stderr[-3000:]
+    env = {
+        **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "streethazards-test", "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODELIST": "127.0.0.1",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "FAKE_SRUN_LOG": str(tmp_path / "srun.log"),
+    }  # fmt: skip
+    command = ["bash", "configs/slurm.sbatch", *args]
     last = checkpoint_dir(out) / "last.ckpt"
-    assert "stopped: training stopped by SIGUSR1 after global step 3" in stopped.stderr
-    assert load(last)["global_step"] == 3
+    with open(tmp_path / "job1.log", "wb") as log:
+        job = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(last.exists, job, 240, "the first epoch's checkpoint")
+        pids = [int(pid) for pid in (tmp_path / "srun.log").read_text().split()]
+        workers = {pid: _children(pid) for pid in pids}
+        os.killpg(pids[1], signal.SIGUSR1)
+        time.sleep(0.3)
+        os.killpg(pids[0], signal.SIGUSR1)
+        job.wait(timeout=240)
+    output = (tmp_path / "job1.log").read_text()
+    assert job.returncode == 0, output[-3000:]
+    assert (tmp_path / "srun.log").read_text().splitlines()[1] == "138 138", output[-3000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    steps = {int(m) for m in re.findall(r"stopped: training stopped by SIGUSR1 after global step (\d+)", output)}
+    assert len(re.findall("stopped: training stopped by SIGUSR1", output)) == 2 and len(steps) == 1, output[-3000:]
+    (step,) = steps
+    assert 1 <= step < epochs and load(last)["global_step"] == step
+    assert not list(tmp_path.rglob("hpc_ckpt*")) and [p.name for p in checkpoint_dir(out).glob("last*")] == [
+        "last.ckpt"
+    ]
+    # Each rank had a loader worker in its group when the signal came; a worker killed by it would
+    # have failed the next batch ("DataLoader worker ... is killed by signal") instead of exit 138.
+    assert all(workers.values()) and "DataLoader worker" not in output, workers
+
     resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load(last)["global_step"] == epochs
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # not requeued again
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids of ``pid``'s children (Linux /proc)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
 
 
 def test_default_logger_has_a_fixed_folder(data_root: Path, tmp_path: Path) -> None:

@@ -17,7 +17,9 @@ error bounds from counts in ``curves``, the exact per-image values in ``per_imag
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -49,6 +51,7 @@ from callbacks.metrics.functional.histogram import (
     rebin_counts,
     sorted_coarse_stats,
     sorted_runs,
+    storage_blocks,
 )
 from callbacks.metrics.functional.keys import KEY_POS_INF, float_to_key, key_to_float
 from callbacks.metrics.functional.per_image import (
@@ -92,6 +95,49 @@ class _Bins(NamedTuple):
     pos: Tensor  # int64 positives per bin
     exact: Tensor  # bool: the bin holds one distinct score
     lower_key: Tensor  # int64 key of the smallest score seen in the bin's range (a threshold)
+
+
+class _HostLayout(NamedTuple):
+    """Host copies of a metric's layout states (and of the coarse statistics with a batch's keys)."""
+
+    shift: np.ndarray
+    offset: np.ndarray
+    size: np.ndarray
+    base: np.ndarray
+    used: int
+    level: float
+    stats: CoarseStats | None
+
+
+@dataclass
+class _Prepared:
+    """One torch-path update between its device-side part and the count (see ``AnomalyMetrics.update_many``)."""
+
+    scores: Tensor
+    keys: Tensor
+    positive: Tensor
+    valid: Tensor
+    merged: CoarseStats  # the coarse statistics with this batch's keys (device)
+    flags: Tensor  # int64 [2]: NaN scores at valid pixels, coarse bins outside their sub-bins
+    num_nan: int = 0
+    host: _HostLayout | None = None  # set when the layout must grow
+
+
+def _read_back(prepared: Sequence[tuple[AnomalyMetrics, _Prepared]]) -> None:
+    """Read the prepared updates' flags, and the layouts that must grow, with at most two host copies."""
+    if not prepared:
+        return
+    flags = torch.stack([ready.flags for _, ready in prepared]).tolist()
+    growing = []
+    for (metric, ready), (num_nan, num_outside) in zip(prepared, flags, strict=True):
+        ready.num_nan = int(num_nan)
+        if num_outside and not num_nan:
+            growing.append((metric, ready))
+    if not growing:
+        return
+    packed = torch.stack([metric._host_layout(ready.merged) for metric, ready in growing]).cpu().numpy()
+    for (metric, ready), row in zip(growing, packed, strict=True):
+        ready.host = metric._unpack_host_layout(row)
 
 
 def check_num_bits(num_bits: Any) -> int:
@@ -294,26 +340,49 @@ class AnomalyMetrics(Metric):
             torch.as_tensor(value).to(device) for value in stats
         )
 
-    def _plan(self, stats: CoarseStats, force: bool = False) -> AdaptivePlan | None:
-        """``plan_layout`` on the host copies of the layout states, for keys ``stats`` (host arrays)."""
-        shift, offset, size, base = (getattr(self, name).cpu().numpy() for name in self._LAYOUT_STATES)
+    def _host_layout(self, stats: CoarseStats | None = None) -> Tensor:
+        """The layout states (and ``stats``, on the device) packed into one int64 tensor, for one copy to the host."""
+        rows = [getattr(self, name) for name in self._LAYOUT_STATES]
+        if stats is not None:
+            rows.extend(stats)
+        scalars = torch.stack([self.used.reshape(()), self.level.reshape(()).view(torch.int64)])
+        return torch.cat([torch.stack(rows).reshape(-1), scalars])
+
+    def _unpack_host_layout(self, packed: np.ndarray) -> _HostLayout:
+        """The host copy made of :meth:`_host_layout`'s tensor."""
+        rows = packed[:-2].reshape(-1, NUM_COARSE)
+        stats = CoarseStats(*rows[4:8]) if rows.shape[0] == 8 else None
+        level = float(packed[-1:].view(np.float64)[0])
+        return _HostLayout(rows[0], rows[1], rows[2], rows[3], int(packed[-2]), level, stats)
+
+    def _plan(self, stats: CoarseStats, force: bool = False, host: _HostLayout | None = None) -> AdaptivePlan | None:
+        """``plan_layout`` on host copies of the layout states (``host``, or copied now), for keys ``stats``."""
+        if host is None:
+            host = self._unpack_host_layout(self._host_layout().cpu().numpy())
         return plan_layout(
-            shift, offset, size, base, int(self.used), stats, self.num_bins, float(self.level), force=force
+            host.shift, host.offset, host.size, host.base, host.used, stats, self.num_bins, host.level, force=force
         )
 
-    def _adopt(self, plan: AdaptivePlan) -> None:
-        """Move the counts into ``plan``'s layout (exactly) and make it the current one."""
+    def _adopt(self, plan: AdaptivePlan, host: _HostLayout | None = None) -> None:
+        """Move the counts into ``plan``'s layout (exactly) and make it the current one.
+
+        With the host copy of the current layout (``host``) nothing here waits for the device.
+        """
         device = self.counts.device
         old = self.layout
         new = adaptive_layout(
             *(torch.from_numpy(array).to(device) for array in (plan.shift, plan.offset, plan.size, plan.base))
         )
-        if plan.compacted and int(self.used) == 0:
+        used = host.used if host is not None else int(self.used)
+        if plan.compacted and used == 0:
             self.counts.zero_()  # nothing counted yet (the first batch): nothing to move
         elif plan.compacted:
-            self.counts = rebin_counts(self.counts, old, new)
+            blocks = storage_blocks(host.size, host.base) if host is not None else None
+            self.counts = rebin_counts(self.counts, old, new, old_blocks=blocks)
         else:  # only the bins that outgrew their sub-bins move; new ones start empty
-            move_coarse_bins(self.counts, old, new, torch.from_numpy(np.flatnonzero(plan.moved)).to(device))
+            moved = np.flatnonzero(plan.moved)
+            total = int(host.size[moved].sum()) if host is not None else None
+            move_coarse_bins(self.counts, old, new, torch.from_numpy(moved).to(device), total=total)
         self.coarse_shift, self.coarse_offset, self.coarse_size, self.coarse_base = new[1], new[2], new[3], new[4]
         self.used = torch.tensor(plan.used, dtype=torch.int64, device=device)
         self.level = torch.tensor(plan.level, dtype=torch.float64, device=device)
@@ -340,16 +409,62 @@ class AnomalyMetrics(Metric):
         }
 
     # ------------------------------------------------------------------ torchmetrics hooks
-    def update(self, scores: Tensor, mask: Tensor) -> None:  # type: ignore[override]
-        """Accumulate a batch: ``scores`` float ``[B, H, W]``, ``mask`` integer ``[B, H, W]``."""
+    def update(  # type: ignore[override]
+        self, scores: Tensor, mask: Tensor, _prepared: _Prepared | None = None
+    ) -> None:
+        """Accumulate a batch: ``scores`` float ``[B, H, W]``, ``mask`` integer ``[B, H, W]``.
+
+        ``_prepared`` is :meth:`update_many`'s (the batch already examined, its host values read).
+        """
+        if _prepared is not None:
+            self._finish_torch(_prepared)
+            return
+        prepared = self._prepare(scores, mask)
+        if prepared is not None:
+            _read_back([(self, prepared)])
+            self._finish_torch(prepared)
+
+    @staticmethod
+    def update_many(updates: Sequence[tuple[AnomalyMetrics, Tensor, Tensor]]) -> None:
+        """``metric.update(scores, mask)`` for each triple, with one wait for the device in all.
+
+        On the device (the torch path) every update must read two numbers on the host (NaN scores
+        seen, keys outside the current sub-bins): here they are read for all metrics at once, and
+        the layouts that must grow are copied to the host together too (a second wait, only then).
+        """
+        prepared = []
+        for metric, scores, mask in updates:
+            ready = metric._prepare(scores, mask)
+            if ready is not None:
+                prepared.append((metric, ready, scores, mask))
+        _read_back([(metric, ready) for metric, ready, _, _ in prepared])
+        for metric, ready, scores, mask in prepared:
+            metric.update(scores, mask, _prepared=ready)
+
+    def _prepare(self, scores: Tensor, mask: Tensor) -> _Prepared | None:
+        """The device-side part of a torch-path update; NumPy-path updates (and empty batches) are done here."""
         scores, mask = _as_images(scores, mask)
         if scores.numel() == 0:
-            return
+            return None
         keys = float_to_key(scores)
         if _backend.numpy_on_cpu(keys) and self.counts.device.type == "cpu":
             self._update_numpy(scores, keys, mask)
-        else:
-            self._update_torch(scores, keys, mask.to(keys.device))
+            return None
+        mask = mask.to(keys.device)
+        positive = mask == self.anomaly_index
+        valid = mask != self.ignore_index
+        stats = coarse_stats(keys, valid)
+        merged = merge_coarse_stats(self._coarse_stats(), stats)
+        shift = self.coarse_shift.clamp_min(0)
+        outside = (stats.count > 0) & (
+            (self.coarse_shift < 0)
+            | (merged.low_min < (self.coarse_offset << shift))
+            | (merged.low_max > ((self.coarse_offset + self.coarse_size) << shift) - 1)
+        )
+        # NaN keys lie outside [-KEY_POS_INF, KEY_POS_INF]; the layout must cover every key of the
+        # batch before counting.
+        flags = torch.stack([((keys.abs() > KEY_POS_INF) & valid).sum(), outside.sum()])
+        return _Prepared(scores, keys, positive, valid, merged, flags)
 
     def _raise_nan(self, scores: Tensor, valid: Tensor) -> None:
         num_nan = int((torch.isnan(scores) & valid.to(scores.device)).sum())
@@ -395,26 +510,16 @@ class AnomalyMetrics(Metric):
         count_sorted(counts[1], positives, positive_runs, start, shift)
         self._add_per_image(per_image_metrics_sorted(images))
 
-    def _update_torch(self, scores: Tensor, keys: Tensor, mask: Tensor) -> None:
-        positive = mask == self.anomaly_index
-        valid = mask != self.ignore_index
-        stats = coarse_stats(keys, valid)
-        # The only host synchronisation: NaN keys lie outside [-KEY_POS_INF, KEY_POS_INF], and the
-        # layout must cover every key of the batch before counting.
-        merged = merge_coarse_stats(self._coarse_stats(), stats)
-        shift = self.coarse_shift.clamp_min(0)
-        outside = (stats.count > 0) & (
-            (self.coarse_shift < 0)
-            | (merged.low_min < (self.coarse_offset << shift))
-            | (merged.low_max > ((self.coarse_offset + self.coarse_size) << shift) - 1)
-        )
-        num_nan, num_outside = torch.stack([((keys.abs() > KEY_POS_INF) & valid).sum(), outside.sum()]).tolist()
-        if num_nan:
-            self._raise_nan(scores, valid)
-        if num_outside:
-            plan = self._plan(CoarseStats(*(t.cpu().numpy() for t in merged)))
+    def _finish_torch(self, prepared: _Prepared) -> None:
+        """Count a prepared batch (its host values read by ``_read_back``); no further wait for the device."""
+        keys, positive, valid, merged = prepared.keys, prepared.positive, prepared.valid, prepared.merged
+        if prepared.num_nan:
+            self._raise_nan(prepared.scores, valid)
+        if prepared.host is not None:
+            assert prepared.host.stats is not None
+            plan = self._plan(prepared.host.stats, host=prepared.host)
             if plan is not None:
-                self._adopt(plan)
+                self._adopt(plan, host=prepared.host)
         self._set_coarse_stats(merged)
         valid, positive = valid.reshape(-1), positive.reshape(-1)
         # Ignored pixels may hold any key (NaN too): index 0, and left out by accumulate_counts.

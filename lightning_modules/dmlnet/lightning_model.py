@@ -67,7 +67,7 @@ class DMLNetSegmenter(DeepLabV3PlusSegmenter):
         loss, dce, vl = dmlnet_loss(self.distances(batch["image"]), batch["mask"], hp.gamma, hp.variance_weight, weight)
         batch_size = batch["image"].shape[0]
         self.log_dict({"train/loss": loss, "train/dce": dce, "train/variance": vl}, batch_size=batch_size)
-        self.log("train/loss_step", loss, prog_bar=True, logger=False, batch_size=batch_size)
+        self.log_loss_to_progress_bar(loss, batch_size)
         return loss
 
     def scoring_options(self) -> dict[str, Any]:
@@ -80,7 +80,7 @@ class DMLNetSegmenter(DeepLabV3PlusSegmenter):
                 "eds_clip": hp.eds_clip,
                 "fusion_threshold": hp.fusion_threshold,
                 "fusion_sharpness": hp.fusion_sharpness,
-            }
+            },
         }
 
     def segment(self, image: Tensor) -> MethodOutput:

@@ -19,6 +19,10 @@ Anomaly score (higher = more anomalous), with ``z_kd = (f_d - mu_kd) / sigma_kd`
     s_con = max(0, 1 - ||e||^2 / xi)               # embedding inside the objectosphere
     score = (s_sem + s_con) / 2
 
+reported as ``-log(1 - score)``: the same ranking of pixels (every metric is unchanged), but
+computed in the log domain, where float32 does not tie the pixels that ``score`` rounds to its
+maximum (``dual_decoder_anomaly_score``).
+
 Conventions shared by every function here:
 
 * ``target`` is a long tensor ``[B, H, W]``; values ``0..K-1`` are known classes, anything else
@@ -37,6 +41,8 @@ the losses in ``loss.py``, the LightningModule in ``lightning_model.py``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -48,6 +54,7 @@ __all__ = [
     "dual_decoder_anomaly_score",
     "finalize_semantic_stats",
     "semantic_anomaly_score",
+    "semantic_distance",
     "update_prototypes",
 ]
 
@@ -60,6 +67,36 @@ def _upcast(x: Tensor) -> Tensor:
 
 def _known(target: Tensor, num_classes: int) -> Tensor:
     return (target >= 0) & (target < num_classes)
+
+
+#: Pixels per one-hot matrix product in the epoch statistics (a float64 copy of this many pixels
+#: at a time: 14 x 2**18 x 8 bytes = 29 MB of one-hot rows for 13 classes).
+STATISTICS_CHUNK_PIXELS = 1 << 18
+
+
+def _class_sums(values: Tensor, index: Tensor, num_rows: int, normalize: bool = False, squares: bool = False) -> Tensor:
+    """Float64 ``out[r] = sum_{i : index_i = r} [v_i, (v_i^2,) 1]`` (the last column counts).
+
+    ``[num_rows, C + 1]``, or ``[num_rows, 2C + 1]`` with ``squares`` (elementwise squares taken
+    in float64). ``values`` ``[N, C]`` (any float dtype, rows L2-normalized first with ``normalize``), ``index``
+    ``[N]`` in ``0..num_rows-1``. Computed as one-hot matrix products over chunks of
+    :data:`STATISTICS_CHUNK_PIXELS` pixels: the sums are reduced inside the matrix product instead
+    of one float64 atomic add per pixel and channel into a few addresses (``index_add_``), only one
+    chunk is ever copied to float64, and nothing is read back to the host. Float64 products are
+    not affected by autocast or TF32.
+    """
+    rows = torch.arange(num_rows, device=values.device).unsqueeze(1)
+    columns = values.shape[1] * (2 if squares else 1) + 1
+    out = torch.zeros(num_rows, columns, dtype=torch.float64, device=values.device)
+    with torch.autocast(device_type=values.device.type, enabled=False):
+        for start in range(0, values.shape[0], STATISTICS_CHUNK_PIXELS):
+            part = values[start : start + STATISTICS_CHUNK_PIXELS].to(torch.float64)
+            if normalize:
+                part = F.normalize(part, dim=1)
+            part = torch.cat([part, *([part.square()] if squares else []), part.new_ones(part.shape[0], 1)], dim=1)
+            onehot = (index[start : start + STATISTICS_CHUNK_PIXELS].unsqueeze(0) == rows).to(torch.float64)
+            out += onehot @ part
+    return out
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -95,16 +132,13 @@ def accumulate_semantic_stats(
     labels = target.reshape(-1)
     tp = _known(labels, num_classes) & (flat.argmax(dim=1) == labels)
     # Non-true-positive pixels go to an extra row K that is dropped: no boolean indexing, so no
-    # host-device synchronisation.
+    # host-device synchronisation. Squares are taken in float64 (inside _class_sums' chunks).
     index = torch.where(tp, labels, torch.full_like(labels, num_classes))
-    values = flat.to(torch.float64)
-    new_sums = values.new_zeros(num_classes + 1, num_classes).index_add_(0, index, values)
-    new_sq = values.new_zeros(num_classes + 1, num_classes).index_add_(0, index, values.square())
-    new_counts = torch.bincount(index, minlength=num_classes + 1)
+    table = _class_sums(flat, index, num_classes + 1, squares=True)
     return (
-        sums + new_sums[:num_classes].to(sums.dtype),
-        sq_sums + new_sq[:num_classes].to(sq_sums.dtype),
-        counts + new_counts[:num_classes].to(counts.dtype),
+        sums + table[:num_classes, :num_classes].to(sums.dtype),
+        sq_sums + table[:num_classes, num_classes : 2 * num_classes].to(sq_sums.dtype),
+        counts + table[:num_classes, -1].to(counts.dtype),
     )
 
 
@@ -157,14 +191,11 @@ def accumulate_embedding_sums(
         New ``(sums, counts)``; the inputs are not modified.
     """
     num_classes, dim = sums.shape
-    flat = embedding.detach().movedim(1, -1).reshape(-1, dim).to(torch.float64)
-    if normalize:
-        flat = F.normalize(flat, dim=1)
+    flat = embedding.detach().movedim(1, -1).reshape(-1, dim)
     labels = target.reshape(-1)
     index = torch.where(_known(labels, num_classes), labels, torch.full_like(labels, num_classes))
-    new_sums = flat.new_zeros(num_classes + 1, dim).index_add_(0, index, flat)
-    new_counts = torch.bincount(index, minlength=num_classes + 1)
-    return sums + new_sums[:num_classes].to(sums.dtype), counts + new_counts[:num_classes].to(counts.dtype)
+    table = _class_sums(flat, index, num_classes + 1, normalize=normalize)
+    return sums + table[:num_classes, :dim].to(sums.dtype), counts + table[:num_classes, -1].to(counts.dtype)
 
 
 @torch.no_grad()
@@ -195,13 +226,13 @@ def update_prototypes(prev: Tensor, sums: Tensor, counts: Tensor, momentum: floa
 
 
 # ------------------------------------------------------------------------------------------ score
-def semantic_anomaly_score(
+def semantic_distance(
     logits: Tensor, class_means: Tensor, class_stds: Tensor, class_valid: Tensor | None = None
 ) -> Tensor:
-    """``s_sem = 1 - max_k exp(-1/2 sum_d ((f_d - mu_kd) / sigma_kd)^2)``, shape ``[B, H, W]``.
+    """``d = min_k sum_d ((f_d - mu_kd) / sigma_kd)^2`` over the valid classes, shape ``[B, H, W]``.
 
-    Computed in float32 (bf16/fp16 upcast; float64 kept). Classes with ``class_valid=False``
-    are left out of the max (no valid class at all gives 1).
+    Computed in float32 with autocast off (bf16/fp16 upcast; float64 kept). No valid class at all
+    gives ``inf``.
     """
     features = _upcast(logits)
     num_classes = features.shape[1]
@@ -213,16 +244,30 @@ def semantic_anomaly_score(
     means = class_means.to(features).view(num_classes, num_classes, 1, 1)
     inv_stds = class_stds.to(features).reciprocal().view(num_classes, num_classes, 1, 1)
     valid = None if class_valid is None else class_valid.to(device=features.device, dtype=torch.bool)
-    # max_k exp(-d_k/2) = exp(-min_k d_k/2). A loop over the K classes keeps memory at one
-    # [B, K, H, W] temporary; broadcasting all classes at once costs K times that, and expanding
-    # the square into matmuls cancels catastrophically in float32 when sigma is small.
+    # A loop over the K classes keeps memory at one [B, K, H, W] temporary; broadcasting all
+    # classes at once costs K times that, and expanding the square into matmuls cancels
+    # catastrophically in float32 when sigma is small.
     min_dist = torch.full_like(features[:, 0], float("inf"))
-    for k in range(num_classes):
-        dist = ((features - means[k]) * inv_stds[k]).square().sum(dim=1)
-        if valid is not None:
-            dist = torch.where(valid[k], dist, torch.full_like(dist, float("inf")))
-        min_dist = torch.minimum(min_dist, dist)
-    return 1.0 - torch.exp(-0.5 * min_dist)
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        for k in range(num_classes):
+            dist = ((features - means[k]) * inv_stds[k]).square().sum(dim=1)
+            if valid is not None:
+                dist = torch.where(valid[k], dist, torch.full_like(dist, float("inf")))
+            min_dist = torch.minimum(min_dist, dist)
+    return min_dist
+
+
+def semantic_anomaly_score(
+    logits: Tensor, class_means: Tensor, class_stds: Tensor, class_valid: Tensor | None = None
+) -> Tensor:
+    """``s_sem = 1 - max_k exp(-1/2 sum_d ((f_d - mu_kd) / sigma_kd)^2) = 1 - exp(-d / 2)``, ``[B, H, W]``.
+
+    The paper's semantic half, in ``[0, 1]``. In float32 it is exactly 1 for every ``d > 34.7``
+    (``exp(-d/2)`` falls below half an ulp of 1), so such pixels tie: the combined score
+    :func:`dual_decoder_anomaly_score` does not go through it. Classes with ``class_valid=False``
+    are left out of the max (no valid class at all gives 1).
+    """
+    return -torch.expm1(-0.5 * semantic_distance(logits, class_means, class_stds, class_valid))
 
 
 def contrastive_anomaly_score(embedding: Tensor, xi: float = 1.0) -> Tensor:
@@ -231,7 +276,12 @@ def contrastive_anomaly_score(embedding: Tensor, xi: float = 1.0) -> Tensor:
     1 at the origin (where the objectosphere loss puts anomalies), 0 on or outside the sphere
     ``||e||^2 = xi`` that known pixels are pushed beyond.
     """
-    return (1.0 - _upcast(embedding).square().sum(dim=1) / xi).clamp_min(0.0)
+    return (1.0 - _squared_norm(embedding) / xi).clamp_min(0.0)
+
+
+def _squared_norm(embedding: Tensor) -> Tensor:
+    with torch.autocast(device_type=embedding.device.type, enabled=False):
+        return _upcast(embedding).square().sum(dim=1)
 
 
 def dual_decoder_anomaly_score(
@@ -242,7 +292,21 @@ def dual_decoder_anomaly_score(
     xi: float = 1.0,
     class_valid: Tensor | None = None,
 ) -> Tensor:
-    """``(s_sem + s_con) / 2``, shape ``[B, H, W]``, higher = more anomalous; see the two parts."""
-    s_sem = semantic_anomaly_score(logits, class_means, class_stds, class_valid)
-    s_con = contrastive_anomaly_score(embedding, xi)
-    return 0.5 * (s_sem + s_con)
+    """The paper's ``(s_sem + s_con) / 2`` through an increasing map that does not saturate, ``[B, H, W]``.
+
+    With ``d`` the :func:`semantic_distance` and ``m = min(1, ||e||^2 / xi) = 1 - s_con``::
+
+        1 - (s_sem + s_con) / 2 = (exp(-d / 2) + m) / 2
+        score = -log((exp(-d / 2) + m) / 2) = log 2 - logaddexp(-d / 2, log m)
+
+    ``score = -log(1 - (s_sem + s_con) / 2)`` is a strictly increasing function of the paper's
+    score, so every threshold and every ranking of pixels is the same (AUPR, AUROC and FPR95 are
+    unchanged), but it is computed in the log domain: ``(s_sem + s_con) / 2`` itself is within
+    half an ulp of its maximum for ``d > 34.7`` with ``m ~ 0``, where float32 ties every such
+    pixel, while here ``score ~ d / 2 + log 2`` keeps them apart. Higher = more anomalous;
+    ``score >= 0`` (0 on a class mean outside the sphere), ``+inf`` only with no valid class and
+    ``e = 0``. Float32 (float64 kept), autocast off.
+    """
+    distance = semantic_distance(logits, class_means, class_stds, class_valid)
+    inside = (_squared_norm(embedding) / xi).clamp_max(1.0)
+    return math.log(2.0) - torch.logaddexp(-0.5 * distance, torch.log(inside.to(distance.dtype)))

@@ -175,7 +175,7 @@ class DualDecoderSegmenter(AnomalySegmentationModule):
             },
             batch_size=batch_size,
         )
-        self.log("train/loss_step", loss, prog_bar=True, logger=False, batch_size=batch_size)
+        self.log_loss_to_progress_bar(loss, batch_size)
         return loss
 
     def epoch_accumulators(self) -> list[Tensor]:

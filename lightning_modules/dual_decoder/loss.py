@@ -140,11 +140,13 @@ def contrastive_prototype_loss(
     if per_image:
         group = group + torch.arange(batch, device=target.device).view(batch, 1, 1) * slots
     tables = batch if per_image else 1
-    sums = units.new_zeros(tables * slots, dim).index_add_(0, group.reshape(-1), units)
-    counts = torch.bincount(group.reshape(-1), minlength=tables * slots).to(units.dtype)
+    # A column of ones counts the pixels in the same pass (bincount would synchronise: on CUDA it
+    # reads the largest index to size its output, also with minlength).
+    with_ones = torch.cat([units, units.new_ones(units.shape[0], 1)], dim=1)
+    table = units.new_zeros(tables * slots, dim + 1).index_add_(0, group.reshape(-1), with_ones)
     # Drop the collector rows by reshaping (a boolean mask would synchronise with the host).
-    sums = sums.view(tables, slots, dim)[:, :num_classes].reshape(-1, dim)
-    counts = counts.view(tables, slots)[:, :num_classes].reshape(-1)
+    table = table.view(tables, slots, dim + 1)[:, :num_classes].reshape(-1, dim + 1)
+    sums, counts = table[:, :dim], table[:, dim]
     queries = sums / counts.clamp_min(1).unsqueeze(1)
     query_class = torch.arange(num_classes, device=units.device).repeat(tables)
 

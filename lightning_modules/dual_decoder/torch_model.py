@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.deeplabv3.decoder import DeepLabV3PlusDecoder
 from torch import Tensor, nn
 
 from datamodules.labels import NUM_CLASSES
+from lightning_modules.precision import float32_head
 from lightning_modules.segmenter import build_encoder
 
 __all__ = ["DualDecoderNet", "segmenter_to_dual_decoder_state"]
@@ -18,9 +19,10 @@ class DualDecoderNet(nn.Module):
     """Shared encoder, a semantic and a contrastive DeepLabV3+ decoder.
 
     ``forward(x [B, 3, H, W]) -> (logits [B, K, H, W], embedding [B, D, H, W])``, both bilinearly
-    upsampled to the input resolution. The encoder with DeepLabV3+ needs height and width
-    divisible by its output stride (16 by default); other sizes are replicate-padded at the
-    bottom/right to the next multiple and the outputs cropped back, so any size works.
+    upsampled to the input resolution, both float32 (the heads run in float32 under autocast).
+    The encoder with DeepLabV3+ needs height and width divisible by its output stride (16 by
+    default); other sizes are replicate-padded at the bottom/right to the next multiple and the
+    outputs cropped back, so any size works.
 
     Note: the ASPP image-pooling branch has a BatchNorm on a 1x1 map, so training mode needs a
     batch of at least 2 (as for smp's own DeepLabV3+).
@@ -84,11 +86,15 @@ class DualDecoderNet(nn.Module):
             # Replicate rather than zero padding: no artificial edge next to the border pixels.
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         features = self.encoder(x)
-        logits = self.semantic_head(self.semantic_decoder(features))
-        embedding = self.contrastive_head(self.contrastive_decoder(features))
         size = x.shape[-2:]
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        embedding = F.interpolate(embedding, size=size, mode="bilinear", align_corners=False)
+
+        def head(conv: nn.Conv2d) -> Callable[[Tensor], Tensor]:
+            return lambda decoded: F.interpolate(conv(decoded), size=size, mode="bilinear", align_corners=False)
+
+        # The 1x1 heads and the upsampling in float32 also under mixed precision: the scores read
+        # the logits' and the embedding's fine differences (standardised by small stds).
+        logits = float32_head(head(self.semantic_head), self.semantic_decoder(features))
+        embedding = float32_head(head(self.contrastive_head), self.contrastive_decoder(features))
         return logits[..., :height, :width], embedding[..., :height, :width]
 
 

@@ -54,7 +54,7 @@ class EntropyOESegmenter(DeepLabV3PlusSegmenter):
         self.log_dict(
             {"train/loss": loss, "train/known_ce": known_ce, "train/outlier_ce": outlier_ce}, batch_size=batch_size
         )
-        self.log("train/loss_step", loss, prog_bar=True, logger=False, batch_size=batch_size)
+        self.log_loss_to_progress_bar(loss, batch_size)
         return loss
 
     def segment(self, image: Tensor) -> MethodOutput:

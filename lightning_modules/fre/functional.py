@@ -28,9 +28,9 @@ deviation of class-``k`` training pixels' errors against subspace ``k``
     standardize_errors(class_reconstruction_errors(f, means, bases), m, s).amin(dim=1)
 
 All functions are pure, device-agnostic and work on CPU and CUDA tensors. Scoring runs in at least
-float32 with autocast disabled (bf16 features are upcast). Note that TF32 matmuls
-(``torch.set_float32_matmul_precision("high")``) lower the precision of the scores; keep the
-default ``"highest"`` when exact scores matter.
+float32 with autocast disabled (bf16 features are upcast) and without TF32, whatever
+``torch.set_float32_matmul_precision`` says elsewhere (TF32 cost the scores about 3e-4 relative
+precision: ``lightning_modules.precision.full_precision_matmul``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lightning_modules.precision import full_precision_matmul
 
 log = logging.getLogger(__name__)
 
@@ -491,7 +493,7 @@ def class_reconstruction_errors(
     (float32, or float64 for float64 features). ``chunk_size``: pixels per chunk (default: about
     64 MiB of scratch).
     """
-    with torch.autocast(device_type=features.device.type, enabled=False):
+    with torch.autocast(device_type=features.device.type, enabled=False), full_precision_matmul():
         x, m, b = _scoring_inputs(features, means, bases)
         k, _, r = b.shape
         per_chunk = chunk_size or _CHUNK_ELEMENTS // (k * (r + 2))
@@ -534,7 +536,7 @@ def reconstruction_error(
             raise ValueError("mode 'predicted' needs class_index (the predicted class of every pixel)")
         _check_labels(features, class_index, what="class_index")
 
-    with torch.autocast(device_type=features.device.type, enabled=False):
+    with torch.autocast(device_type=features.device.type, enabled=False), full_precision_matmul():
         x, m, b = _scoring_inputs(features, means, bases)
         k, c, r = b.shape
         n = x.shape[0]

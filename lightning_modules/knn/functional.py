@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_modules.precision import full_precision_matmul
+
 __all__ = [
     "REDUCTIONS",
     "class_ranks",
@@ -61,11 +63,13 @@ def nearest_distances(queries: Tensor, bank: Tensor, k: int, chunk_size: int = 2
     bank_sq = (bank * bank).sum(dim=1)
     bank_t = bank.t()
     out = [queries.new_zeros((0, k))]
-    for start in range(0, queries.shape[0], chunk_size):
-        block = queries[start : start + chunk_size]
-        partial = torch.addmm(bank_sq, block, bank_t, alpha=-2.0)
-        nearest = partial.topk(k, dim=1, largest=False, sorted=True).values
-        out.append((nearest + (block * block).sum(dim=1, keepdim=True)).clamp_min_(0.0).sqrt_())
+    # Full float32 products (no TF32, no autocast): the expansion subtracts large terms.
+    with torch.autocast(device_type=queries.device.type, enabled=False), full_precision_matmul():
+        for start in range(0, queries.shape[0], chunk_size):
+            block = queries[start : start + chunk_size]
+            partial = torch.addmm(bank_sq, block, bank_t, alpha=-2.0)
+            nearest = partial.topk(k, dim=1, largest=False, sorted=True).values
+            out.append((nearest + (block * block).sum(dim=1, keepdim=True)).clamp_min_(0.0).sqrt_())
     return torch.cat(out)
 
 

@@ -74,5 +74,7 @@ class DeepLabV3PlusSegmenter(AnomalySegmentationModule):
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch["image"])
         loss = self.segmentation_loss(logits, batch["mask"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", loss, batch_size=batch_size)
+        self.log_loss_to_progress_bar(loss, batch_size)
         return loss

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.checkpoints import initial_weights_replaced_by
+from lightning_modules.precision import float32_head
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class DeepLabV3Plus(nn.Module):
         return None if layer == "decoder" else int(layer[len("encoder") :])
 
     def forward_layer(self, image: Tensor, layer: str = "decoder") -> tuple[Tensor, Tensor]:
-        """(features of ``layer`` ``[B, C, h, w]``, logits ``[B, K, H, W]``) from one forward pass.
+        """(features of ``layer`` ``[B, C, h, w]``, float32 logits ``[B, K, H, W]``) from one forward pass.
 
         'decoder': the decoder output before the segmentation head (256 channels at 1/4 of the
         input resolution); 'encoder<i>': encoder stage ``i`` (stride ``2**i``, capped at the
@@ -132,7 +133,9 @@ class DeepLabV3Plus(nn.Module):
             image = F.pad(image, (0, pad_w, 0, pad_h), mode="replicate")
         stages = self.model.encoder(image)
         features = self.model.decoder(stages)
-        logits = self.model.segmentation_head(features)
+        # The 1x1 classifier and the upsampling in float32 also under mixed precision: the logits
+        # are what every score reads (bf16 logits leave a few hundred distinct values per image).
+        logits = float32_head(self.model.segmentation_head, features)
         if stage is not None:
             features = stages[stage]
         if pad_h or pad_w:

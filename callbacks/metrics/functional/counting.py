@@ -40,12 +40,13 @@ def accumulate_counts(
             ``"auto"``: ``"sort"`` on CUDA when ``torch.use_deterministic_algorithms`` is on (so
             torch never swaps in a deterministic ``scatter_add_``/``index_add``/``bincount``
             fallback), else ``"bincount"`` on CPU when ``M`` does not exceed the number of
-            indices, else ``"scatter"``.
+            indices, else ``"scatter"``; CPU tensors take the CUDA choice when
+            ``_backend.NUMPY_ON_CPU`` is off (the CUDA code run on CPU).
     """
     index = index.reshape(-1)
     include = include.reshape(-1)
     if method == "auto":
-        if counts.is_cuda:
+        if counts.is_cuda or not _backend.numpy_on_cpu(counts):  # the CUDA path (also on CPU when asked)
             method = "sort" if torch.are_deterministic_algorithms_enabled() else "scatter"
         else:
             method = "bincount" if counts.numel() <= index.numel() else "scatter"

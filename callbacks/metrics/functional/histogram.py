@@ -140,8 +140,14 @@ def rebin_counts(
     old: HistogramLayout | BinLayout,
     new: HistogramLayout | BinLayout,
     num_bins: int | None = None,
+    old_blocks: np.ndarray | None = None,
 ) -> Tensor:
     """Move ``[..., M]`` counts from layout ``old`` to layout ``new`` (``[..., num_bins]``, default ``M``).
+
+    ``old_blocks``: for an adaptive ``old`` layout, its coarse bins with sub-bins in storage order
+    (:func:`storage_blocks` of host copies), when the caller has them on the host: then every flat
+    position is mapped (a fixed amount of work) and nothing waits for the device; without them
+    only the non-empty positions are, found with one host synchronisation.
 
     Exact and on the counts' device without a host synchronisation: old sub-bin ``j`` of coarse
     bin ``g`` starts at ``low = (offset + j) << shift`` and goes to the new sub-bin holding that
@@ -168,6 +174,12 @@ def rebin_counts(
         position = torch.arange(num_old, device=device)
         coarse = torch.zeros_like(position)
         values = counts
+    elif old_blocks is not None:
+        # Adaptive layouts with their blocks known on the host: every position (empty ones, and
+        # freed or unused space, add zero).
+        position = torch.arange(num_old, device=device)
+        coarse = _coarse_of_positions(old, position, num_old, torch.from_numpy(old_blocks).to(device))
+        values = counts
     else:
         # Adaptive layouts (re-binned on the host's decision): only the non-empty positions.
         position = torch.nonzero(counts.reshape(-1, num_old).sum(0)).squeeze(1)
@@ -186,12 +198,24 @@ def rebin_counts(
     return out
 
 
-def _coarse_of_positions(layout: HistogramLayout, position: Tensor, num_positions: int) -> Tensor:
-    """Coarse bin owning each flat position (positions outside every bin: the block before them)."""
+def storage_blocks(size: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """The coarse bins with sub-bins in storage order (by ``base``), from host copies of a layout."""
+    has = np.flatnonzero(np.asarray(size) > 0)
+    return has[np.argsort(np.asarray(base)[has], kind="stable")]
+
+
+def _coarse_of_positions(
+    layout: HistogramLayout, position: Tensor, num_positions: int, blocks: Tensor | None = None
+) -> Tensor:
+    """Coarse bin owning each flat position (positions outside every bin: the block before them).
+
+    ``blocks``: the coarse bins with sub-bins in storage order, if known (else found on the device,
+    which waits for it)."""
     # Mark each block's start with the step in coarse index from the block before it (blocks in
     # storage order) and sum the marks up: one pass, no search per position.
-    has = torch.nonzero(layout.size > 0).squeeze(1)
-    blocks = has[torch.argsort(layout.base[has])]
+    if blocks is None:
+        has = torch.nonzero(layout.size > 0).squeeze(1)
+        blocks = has[torch.argsort(layout.base[has])]
     marks = torch.zeros(num_positions, dtype=torch.int64, device=position.device)
     marks[layout.base[blocks]] = torch.diff(blocks, prepend=blocks.new_zeros(1))
     return torch.cumsum(marks, 0)[position]
@@ -370,27 +394,40 @@ def adaptive_tables(shift: np.ndarray, offset: np.ndarray, base: np.ndarray) -> 
     return start, np.maximum(np.asarray(shift, dtype=np.int64), 0)
 
 
-def move_coarse_bins(counts: Tensor, old: HistogramLayout, new: HistogramLayout, coarse: Tensor) -> None:
+def move_coarse_bins(
+    counts: Tensor, old: HistogramLayout, new: HistogramLayout, coarse: Tensor, total: int | None = None
+) -> None:
     """In place: move the sub-bins of the coarse bins ``coarse`` from ``old`` to ``new`` (exact).
 
     Same mapping as ``rebin_counts``, for a few coarse bins: their old sub-bins are read, zeroed,
     and added at their new place, which must not overlap the old sub-bins of any moved bin.
+    ``total``: the number of old sub-bins of those coarse bins, when the caller knows it on the
+    host; then nothing here waits for the device (every sub-bin moves, empty ones too), otherwise
+    it is read from the device and only the non-empty sub-bins move.
     """
     if coarse.numel() == 0:
         return
     old, new = old.to(counts.device), new.to(counts.device)
     coarse = coarse.to(counts.device)
     sizes = old.size[coarse]
-    which = torch.repeat_interleave(coarse, sizes)
+    which = torch.repeat_interleave(coarse, sizes, output_size=total)
     j = torch.arange(which.numel(), device=counts.device) - torch.repeat_interleave(
-        torch.cumsum(sizes, 0) - sizes, sizes
+        torch.cumsum(sizes, 0) - sizes, sizes, output_size=total
     )
     source = old.base[which] + j
     values = counts.index_select(-1, source)
-    occupied = torch.nonzero(values.reshape(-1, source.numel()).sum(0)).squeeze(1)  # only these need moving
-    which, j, source, values = which[occupied], j[occupied], source[occupied], values.index_select(-1, occupied)
+    if total is None:
+        occupied = torch.nonzero(values.reshape(-1, source.numel()).sum(0)).squeeze(1)  # only these need moving
+        which, j, source, values = which[occupied], j[occupied], source[occupied], values.index_select(-1, occupied)
     low_start = (old.offset[which] + j) << old.shift[which].clamp_min(0)
-    target = new.base[which] + (low_start >> new.shift[which].clamp_min(0)) - new.offset[which]
+    unit = (low_start >> new.shift[which].clamp_min(0)) - new.offset[which]
+    target = new.base[which] + unit
+    if total is not None:
+        # Empty sub-bins may lie outside the keys seen, hence outside the new sub-bins: they add
+        # zero at their coarse bin's first new position instead.
+        inside = (unit >= 0) & (unit < new.size[which])
+        target = torch.where(inside, target, new.base[which])
+        values = torch.where(inside, values, torch.zeros_like(values))
     counts.index_fill_(-1, source, 0)
     counts.index_add_(counts.dim() - 1, target, values)
 

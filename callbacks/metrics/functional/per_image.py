@@ -44,14 +44,19 @@ __all__ = [
 #: The recall whose closest operating point gives the reference FPR95.
 RECALL_LEVEL = 0.95
 
-# Sort key that lies below every packed (key << 1 | label) value; marks ignored pixels.
-_EXCLUDED = -(1 << 40)
+# The torch path packs (row, key, label) into one int64: bits 0 (label), 1..33 (the int32 key plus
+# _KEY_BIAS, at least 1, so that 0 marks an ignored pixel), 34.. (the row).
+_KEY_BIAS = (1 << 31) + 1
+_ROW_SHIFT = 34
+_FIELD_MASK = (1 << _ROW_SHIFT) - 1
 # Stands for "no pixel" in sorted int32 rows: above every key (keys are at most 0x7F800000).
 _SENTINEL = np.iinfo(np.int32).max
 
 # Rows processed together by ``per_image_metrics`` are capped at this many pixels, which bounds
-# its temporary memory (a few arrays of this size) independently of batch size.
-PER_IMAGE_CHUNK_PIXELS = 1 << 21
+# its temporary memory independently of batch size: on the torch path about a dozen int64 arrays
+# of this size (about 1 GB at 2**23 pixels: a batch of eight 720x1280 images is one chunk, one
+# sort and a few device-wide scans).
+PER_IMAGE_CHUNK_PIXELS = 1 << 23
 
 
 class PerImageMetrics(NamedTuple):
@@ -194,9 +199,10 @@ def per_image_metrics_from_keys(
     """``per_image_metrics`` on scores already mapped by ``float_to_key`` (``[B, N]`` int32).
 
     ``implementation``: ``"torch"`` runs on the tensors' device with fixed-shape operations only
-    (no host synchronisation, suits CUDA); ``"numpy"`` (CPU tensors) sorts each image's negatives
-    with NumPy's SIMD sort and binary-searches the positives in them, several times faster on
-    CPU. ``"auto"`` picks ``"numpy"`` for CPU tensors. Both give identical results.
+    (no host synchronisation, suits CUDA): one sort of each chunk's packed (row, key, label)
+    values and 1-D scans over the whole chunk. ``"numpy"`` (CPU tensors) sorts each image's
+    negatives with NumPy's SIMD sort and binary-searches the positives in them, several times
+    faster on CPU. ``"auto"`` picks ``"numpy"`` for CPU tensors. Both give identical results.
     """
     if keys.ndim != 2 or positive.shape != keys.shape or valid.shape != keys.shape:
         raise ValueError(
@@ -231,28 +237,38 @@ def _per_image_chunk(keys: Tensor, positive: Tensor, valid: Tensor) -> PerImageM
     rows, length = keys.shape
     device = keys.device
     positive = positive & valid
-    # Pack (key, label) into one sortable int64 so that a values-only sort suffices: equal scores
-    # stay adjacent (their order inside a tie group is irrelevant below), ignored pixels go first.
-    packed = (keys.long() << 1) | positive.long()
-    packed = torch.sort(torch.where(valid, packed, torch.full_like(packed, _EXCLUDED)), dim=-1).values
-
-    is_valid = packed != _EXCLUDED
-    is_pos = is_valid & ((packed & 1) == 1)
+    # One sort of the whole chunk: (row, key, label) packed into one int64, so that the rows stay
+    # apart (each keeps its `length` slots, in order) and equal scores stay adjacent within a row
+    # (their order inside a tie group is irrelevant below); ignored pixels take field 0 and go first.
+    # Then every scan is a 1-D scan over the whole chunk (on CUDA a device-wide scan; a scan along
+    # the rows of a [B, N] tensor runs each long row on one block), and every per-row quantity is
+    # a reduction over the [B, N] view.
+    field = torch.where(
+        valid, ((keys.long() + _KEY_BIAS) << 1) | positive.long(), torch.zeros_like(keys, dtype=torch.long)
+    )
+    row_index = torch.arange(rows, device=device)
+    packed = torch.sort(((row_index.unsqueeze(1) << _ROW_SHIFT) | field).reshape(-1)).values
+    field = packed & _FIELD_MASK
+    is_valid = field != 0
+    is_pos = is_valid & ((field & 1) == 1)
     is_neg = is_valid & ~is_pos
-    cum_pos = is_pos.cumsum(-1)
-    cum_neg = is_neg.cumsum(-1)
-    num_pos = cum_pos[:, -1:]
-    num_neg = cum_neg[:, -1:]
+    cum_pos = torch.cumsum(is_pos.long(), 0)
+    cum_neg = torch.cumsum(is_neg.long(), 0)
+    # Counts of the rows before each row, and of each row.
+    pos_end, neg_end = cum_pos.view(rows, length)[:, -1], cum_neg.view(rows, length)[:, -1]
+    pos_before = torch.cat([pos_end.new_zeros(1), pos_end[:-1]])
+    neg_before = torch.cat([neg_end.new_zeros(1), neg_end[:-1]])
+    num_pos, num_neg = (pos_end - pos_before).unsqueeze(1), (neg_end - neg_before).unsqueeze(1)
 
-    key = packed >> 1
-    group_start = torch.ones_like(is_valid)
-    group_start[:, 1:] = key[:, 1:] != key[:, :-1]
-    # Index of the first element of each element's tie group (starts increase along the row).
-    position = torch.arange(length, device=device).expand(rows, length)
-    start = torch.cummax(torch.where(group_start, position, 0), dim=-1).values
-    # Positives / negatives scoring strictly below the element's group.
-    pos_below = (cum_pos - is_pos.long()).gather(-1, start)
-    neg_below = (cum_neg - is_neg.long()).gather(-1, start)
+    # First slot of each element's tie group (same row and key): a binary search in the sorted
+    # keys, fully parallel (a running maximum of group starts would be another scan).
+    group = packed >> 1
+    first = torch.searchsorted(group, group, side="left")
+    # Positives / negatives of the row scoring strictly below the element's group.
+    pos_below = ((cum_pos - is_pos.long())[first]).view(rows, length) - pos_before.unsqueeze(1)
+    neg_below = ((cum_neg - is_neg.long())[first]).view(rows, length) - neg_before.unsqueeze(1)
+    is_valid, is_pos, is_neg = is_valid.view(rows, length), is_pos.view(rows, length), is_neg.view(rows, length)
+    key = (field >> 1).view(rows, length)
     tp = num_pos - pos_below  # scoring >= the group's score
     fp = num_neg - neg_below
 
