@@ -248,9 +248,10 @@ class OperatingPointEvaluation:
             self._create(int(mask.shape[-2]), int(mask.shape[-1]), score.device)
         assert self._components is not None and self._pixels is not None and self._strata is not None
         self._pixels.update(score, mask)
-        self._components.update(score, mask)
+        # The one copy to the host of this batch: connected components run there (scipy).
         host_scores = score.detach().float().cpu().numpy()
         host_labels = mask.detach().cpu().numpy()
+        self._components.update_host(host_scores, host_labels)
         operating = [self.thresholds[name] for name in OPERATING_POINTS]
         tables = [self._strata.component_tables(s, m) for s, m in zip(host_scores, host_labels, strict=True)]
         self._strata.update_host(host_scores, host_labels, tables)
@@ -267,15 +268,16 @@ class OperatingPointEvaluation:
                 bin_map[i] = lookup[first.truth]
         assert self._stratum_negatives is not None
         anomaly = mask == self.anomaly_index
-        self._stratum_negatives.update(score, torch.where(anomaly, self.ignore_index, mask))
-        pixel_bins = torch.from_numpy(bin_map).to(mask.device)[anomaly]
-        positive_scores = score[anomaly]
+        updates = [(self._stratum_negatives, score, torch.where(anomaly, self.ignore_index, mask))]
+        # Each bin's positive scores, selected on the host and moved back together.
+        host_anomaly = host_labels == self.anomaly_index
+        host_bins, host_positive = bin_map[host_anomaly], host_scores[host_anomaly]
         for b, metric in enumerate(self._stratum_positives):
-            selected = positive_scores[pixel_bins == b]
-            if selected.numel():
-                metric.update(
-                    selected.view(1, -1), torch.full_like(selected, self.anomaly_index, dtype=torch.long).view(1, -1)
-                )
+            selected = host_positive[host_bins == b]
+            if selected.size:
+                values = torch.from_numpy(selected).to(score.device).view(1, -1)
+                updates.append((metric, values, torch.full_like(values, self.anomaly_index, dtype=torch.long)))
+        AnomalyMetrics.update_many(updates)  # one wait for all of them (two when a layout grows)
 
         primary = operating[OPERATING_POINTS.index(self.primary)]
         table_index = OPERATING_POINTS.index(self.primary)

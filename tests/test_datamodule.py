@@ -458,6 +458,8 @@ def test_predict_on_images_of_their_own_sizes_turns_cudnn_autotuning_off(
     fixed = make_dm(release_root, predict_dir=str(release_root / "test"), predict_image_size=(12, 20))
     fixed.setup("predict")  # one size: autotuning stays on
     assert torch.backends.cudnn.benchmark is True
+
+
 # ----------------------------------------------------------------------------- processes and signals
 def test_evaluation_shards_cover_every_sample_once_and_an_empty_shard_gets_a_placeholder(release_root: Path) -> None:
     """3 test images on 4 processes: shards [0], [1], [2] and a placeholder for rank 3 (Lightning
@@ -480,7 +482,7 @@ def test_evaluation_shards_cover_every_sample_once_and_an_empty_shard_gets_a_pla
     assert shards[:3] == [(["000"], False), (["001"], False), (["002"], False)]
     assert shards[3] == (["000"], True)
     # The post-hoc loader (the module's own loop) gets no placeholder.
-    dm.trainer = SimpleNamespace(world_size=8, global_rank=7)
+    dm.trainer = SimpleNamespace(world_size=8, global_rank=7, strategy=SimpleNamespace(root_device=torch.device("cpu")))
     dm.setup("fit")
     assert list(dm.posthoc_dataloader()) == []
 

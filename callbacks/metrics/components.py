@@ -93,9 +93,12 @@ class ComponentMetrics(Metric):
         if scores.dim() == 2:
             scores, mask = scores[None], mask[None]
         # Connected components run on the host (scipy); one transfer per batch.
-        host_scores = scores.detach().float().cpu().numpy()
-        host_labels = mask.detach().cpu().numpy()
-        totals = {name: np.zeros_like(getattr(self, name).cpu().numpy()) for name in self._defaults}
+        self.update_host(scores.detach().float().cpu().numpy(), mask.detach().cpu().numpy())
+
+    def update_host(self, host_scores: np.ndarray, host_labels: np.ndarray) -> None:
+        """:meth:`update` on host arrays ``[B, H, W]`` (for a caller that already copied them)."""
+        totals = {name: np.zeros(tuple(default.shape), np.float64 if default.is_floating_point() else np.int64)
+                  for name, default in self._defaults.items()}  # fmt: skip
         for image_scores, image_labels in zip(host_scores, host_labels, strict=True):
             truth = label_anomalies(image_labels, self.anomaly_index)  # the same at every threshold
             for t, threshold in enumerate(self.thresholds):
