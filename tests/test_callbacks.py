@@ -525,11 +525,22 @@ def test_ddp_results_equal_single_process(tmp_path):
     assert two["num_images"] == one["num_images"] == N_IMAGES
     for key in ("aupr", "auroc", "fpr95", "aupr_per_image", "auroc_per_image", "fpr95_per_image", "miou"):
         assert two[key] == pytest.approx(one[key], abs=1e-12), key
+    # The bootstrap intervals of the primary score and of mIoU: the same resamples of the same images.
+    primary = one["primary_score"]
+    intervals = [key for key in one["scores"][primary] if key.endswith("_ci")]
+    assert len(intervals) == 7 and one["segmentation"]["miou_ci"] == two["segmentation"]["miou_ci"]
+    for key in intervals:
+        assert two["scores"][primary][key] == one["scores"][primary][key], key
     # msp comes from a softmax over differently composed batches: float32 scores may differ in the last bit,
     # and so may the pixels that share a histogram bin, hence the error bounds (tiny either way).
     bounds = ("aupr_error_bound", "auroc_error_bound", "fpr95_error_bound")
-    values_two, values_one = ({k: v for k, v in doc["scores"]["msp"].items() if k not in bounds} for doc in (two, one))
+    values_two, values_one = (
+        {k: v for k, v in doc["scores"]["msp"].items() if k not in bounds and not k.endswith("_ci")}
+        for doc in (two, one)
+    )
     assert values_two == pytest.approx(values_one, rel=1e-6)
+    for key in intervals:
+        assert two["scores"]["msp"][key] == pytest.approx(one["scores"]["msp"][key], rel=1e-6), key
     for key in bounds:
         assert two["scores"]["msp"][key] == pytest.approx(one["scores"]["msp"][key], abs=1e-6)
     assert two["false_positives_at_threshold95"] == one["false_positives_at_threshold95"]

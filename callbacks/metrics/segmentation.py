@@ -81,6 +81,7 @@ class SegmentationMetrics(Metric):
         self.anomaly_index = int(anomaly_index)
         self.bootstrap_samples = check_bootstrap_samples(bootstrap_samples)
         self.bootstrap_seed = check_bootstrap_seed(bootstrap_seed)
+        self._image_summary: dict[str, Any] | None = None
         self.add_state("confmat", torch.zeros(self.num_classes**2 + 1, dtype=torch.int64), dist_reduce_fx="sum")
         if self.bootstrap_samples:
             # Per image (per batch): its id and its confusion matrix with the overflow cell.
@@ -173,34 +174,32 @@ class SegmentationMetrics(Metric):
             values["miou_ci"] = self._interval()
         return values
 
-    def image_confusion_matrices(self) -> tuple[Tensor, Tensor]:
-        """``(image_ids [N], confusion [N, K, K])`` of every image seen, in canonical order (host tensors).
+    def image_summary(self) -> dict[str, Any] | None:
+        """The per-image confusion matrices the last ``compute()`` resampled, in canonical order (host arrays).
 
-        Needs ``bootstrap_samples > 0``; under DDP this is a collective (call it on every process).
+        ``image_id`` ``[N]`` int64 and ``confusion`` ``[N, K, K]`` int64; ``None`` without the
+        bootstrap or before ``compute()``. Under DDP every process holds all images.
         """
-        if not self.bootstrap_samples:
-            raise RuntimeError("per-image confusion matrices are only kept with bootstrap_samples > 0")
-        already_synced = self._is_synced
-        with self.sync_context(
-            dist_sync_fn=self.dist_sync_fn,
-            should_sync=not already_synced,
-            should_unsync=not already_synced,
-            distributed_available=self.distributed_available_fn,
-        ):
-            ids = self._image_state("image_ids").cpu()
-            cells = self._image_state("image_confmat").cpu()
-        order = torch.from_numpy(canonical_order(ids.numpy(), [cells.numpy()]))
-        k = self.num_classes
-        return ids[order], cells[order][:, : k * k].reshape(-1, k, k)
+        return self._image_summary
+
+    def reset(self) -> None:
+        super().reset()
+        self._image_summary = None
 
     def _interval(self) -> tuple[float, float]:
-        ids, confusion = self.image_confusion_matrices()
-        if ids.numel() < 2:
+        """``miou_ci`` (inside ``compute``, on the synchronised state)."""
+        ids = self._image_state("image_ids").cpu().numpy()
+        cells = self._image_state("image_confmat").cpu().numpy()
+        order = canonical_order(ids, [cells])
+        k = self.num_classes
+        confusion = cells[order][:, : k * k].reshape(-1, k, k)
+        self._image_summary = {"image_id": ids[order], "confusion": confusion}
+        if ids.size < 2:
             rank_zero_warn(
                 f"{type(self).__name__}.compute(): a bootstrap interval needs at least 2 images, got "
-                f"{ids.numel()}; miou_ci is (nan, nan).",
+                f"{ids.size}; miou_ci is (nan, nan).",
                 UserWarning,
             )
             return (math.nan, math.nan)
-        weights = resample_weights(ids.numel(), self.bootstrap_samples, self.bootstrap_seed)
-        return percentile_interval(miou_replicates(weights, confusion.numpy()))
+        weights = resample_weights(ids.size, self.bootstrap_samples, self.bootstrap_seed)
+        return percentile_interval(miou_replicates(weights, confusion))
