@@ -493,7 +493,10 @@ class AnomalyEvaluation(L.Callback):
             protocols = self._protocol_results(state, anomaly)
             for protocol, values in protocols.items():
                 for key, value in values["scores"][state.primary].items():
-                    log(f"{prefix}/{protocol}/{key}", value)
+                    if key.endswith("_ci"):
+                        log_interval(f"{prefix}/{protocol}/{key}", value)
+                    else:
+                        log(f"{prefix}/{protocol}/{key}", value)
         elif stage == "validate":
             rank_zero_info("AnomalyEvaluation: the validation split has no anomaly pixels; anomaly metrics skipped")
         anomaly_fraction = counts["anomaly_pixels"] / counts["valid_pixels"] if counts["valid_pixels"] else math.nan

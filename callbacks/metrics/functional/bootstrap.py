@@ -49,9 +49,11 @@ from callbacks.metrics.functional.per_image import SortedImages
 
 __all__ = [
     "BOOTSTRAP_LEVEL",
+    "LOWER_IS_BETTER",
     "MAX_POOLED_BINS",
     "NEG_SKETCH_SIZE",
     "NO_IMAGE_ID",
+    "PAIRED_KEYS",
     "POS_SKETCH_SIZE",
     "SKETCH_PAD",
     "ScoreSketch",
@@ -66,6 +68,7 @@ __all__ = [
     "image_sketches_sorted",
     "mean_replicates",
     "miou_replicates",
+    "paired_comparison",
     "paired_interval",
     "percentile_interval",
     "pooled_columns",
@@ -462,3 +465,129 @@ def paired_interval(
         "ci": (low, high),
         "excludes_zero": bool(math.isfinite(low) and math.isfinite(high) and (low > 0 or high < 0)),
     }
+
+
+# ----------------------------------------------------------------------------------------- paired comparison
+#: Headline metrics compared between methods, and those where lower is better.
+PAIRED_KEYS = ("aupr", "auroc", "fpr95", "aupr_per_image", "auroc_per_image", "fpr95_per_image", "miou")
+LOWER_IS_BETTER = frozenset({"fpr95", "fpr95_per_image", "fpr95_first_per_image"})
+#: Columns of a summary's ``values`` (as ``AnomalyMetrics`` keeps them).
+_VALUE_FIELDS = ("aupr_per_image", "auroc_per_image", "fpr95_per_image", "fpr95_first_per_image")
+
+
+def _common_images(summaries: Mapping[str, Mapping[str, Any]]) -> np.ndarray:
+    """The image ids every summary holds, in one order; ValueError when they cannot be paired."""
+    reference: np.ndarray | None = None
+    for name, summary in summaries.items():
+        for part in ("image_id", "confusion_image_id"):
+            if part not in summary:
+                continue
+            ids = np.asarray(summary[part], dtype=np.int64)
+            if (ids == NO_IMAGE_ID).any():
+                raise ValueError(f"'{name}' has images without a name: they cannot be matched between methods")
+            if np.unique(ids).size != ids.size:
+                raise ValueError(f"'{name}' has several images with the same name: they cannot be matched")
+            if reference is None:
+                reference = ids
+            elif ids.size != reference.size or not np.array_equal(np.sort(ids), np.sort(reference)):
+                raise ValueError(f"'{name}' was not scored on the same test images as the others")
+    if reference is None:
+        raise ValueError("no per-image summaries to compare")
+    return np.sort(reference)
+
+
+def _aligned(ids: np.ndarray, array: Any) -> Any:
+    """``array`` (rows in the order of ``ids``, or a tuple of such arrays) reordered to increasing ids."""
+    position = np.argsort(ids, kind="stable")
+    if isinstance(array, tuple):
+        return tuple(np.asarray(a)[position] for a in array)
+    return np.asarray(array)[position]
+
+
+def paired_comparison(
+    summaries: Mapping[str, Mapping[str, Any]],
+    values: Mapping[str, Mapping[str, float]],
+    samples: int,
+    seed: int,
+    keys: Sequence[str] = PAIRED_KEYS,
+    level: float = BOOTSTRAP_LEVEL,
+) -> dict[str, Any]:
+    """Intervals of every method and of the difference of every pair, all on the *same* resamples of the images.
+
+    Args:
+        summaries: per method (in table order), its per-image summaries: ``image_id`` ``[N]``,
+            ``values`` ``[N, 4]`` (``AnomalyMetrics`` columns), ``neg_sketch``/``pos_sketch``, and
+            optionally ``confusion`` ``[N, K, K]`` with its own ``confusion_image_id``.
+        values: per method, the exact headline values (the metric's own results).
+        samples, seed: the resamples (as in the metrics, so the per-method intervals are theirs).
+        keys: the metrics compared (those a method's summaries cannot give are skipped).
+
+    Returns ``num_images``; ``intervals`` (method -> key -> ``(low, high)``); ``pairs``, one entry
+    per pair ``(a, b)`` in table order with ``metrics`` (key -> ``difference`` = value(a) - value(b),
+    its interval ``ci`` and ``excludes_zero``); ``best`` (key -> the ``method`` with the best value,
+    ``higher_is_better``, and ``not_distinguishable``: the methods whose paired interval against it
+    contains 0). Raises ValueError when the methods were not scored on the same named images.
+    """
+    order = _common_images(summaries)
+    weights = resample_weights(order.size, samples, seed)
+    replicates: dict[str, dict[str, np.ndarray]] = {}
+    identity: dict[str, dict[str, float]] = {}
+    intervals: dict[str, dict[str, tuple[float, float]]] = {}
+    for name, summary in summaries.items():
+        ids = np.asarray(summary.get("image_id", ()), dtype=np.int64)
+        sketches = None
+        per_image = {}
+        if "neg_sketch" in summary:
+            sketches = (
+                _aligned(ids, tuple(summary["neg_sketch"])),
+                _aligned(ids, tuple(summary["pos_sketch"])),
+            )
+            columns = _aligned(ids, summary["values"])
+            per_image = {field: columns[:, j] for j, field in enumerate(_VALUE_FIELDS) if field in keys}
+        confusion = None
+        if "confusion" in summary and "miou" in keys:
+            confusion = _aligned(np.asarray(summary["confusion_image_id"]), summary["confusion"])
+        replicates[name], identity[name] = bootstrap_replicates(weights, sketches, per_image, confusion)
+        intervals[name] = {
+            key: percentile_interval(replicates[name][key], level, values[name][key] - identity[name][key])
+            for key in keys
+            if key in replicates[name]
+        }
+    names = list(summaries)
+    pairs = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            metrics = {
+                key: paired_interval(
+                    replicates[a][key],
+                    replicates[b][key],
+                    values[a][key] - values[b][key],
+                    identity[a][key] - identity[b][key],
+                    level,
+                )
+                for key in keys
+                if key in replicates[a] and key in replicates[b]
+            }
+            pairs.append({"a": a, "b": b, "metrics": metrics})
+    best: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        candidates = [n for n in names if key in replicates[n] and math.isfinite(values[n][key])]
+        if not candidates:
+            continue
+        higher = key not in LOWER_IS_BETTER
+        leader = max(candidates, key=lambda n: values[n][key] if higher else -values[n][key])
+        tied = []
+        for other in candidates:
+            if other == leader:
+                continue
+            result = paired_interval(
+                replicates[leader][key],
+                replicates[other][key],
+                values[leader][key] - values[other][key],
+                identity[leader][key] - identity[other][key],
+                level,
+            )
+            if not result["excludes_zero"]:
+                tied.append(other)
+        best[key] = {"method": leader, "higher_is_better": higher, "not_distinguishable": tied}
+    return {"num_images": int(order.size), "intervals": intervals, "pairs": pairs, "best": best}
