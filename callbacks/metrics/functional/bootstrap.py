@@ -329,7 +329,11 @@ def resample_weights(num_images: int, num_samples: int, seed: int) -> np.ndarray
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(num_images)]))
     if num_images == 0:
         return np.zeros((num_samples, 0))
-    return rng.multinomial(num_images, np.full(num_images, 1.0 / num_images), size=num_samples).astype(np.float64)
+    # Each resample draws num_images positions uniformly with replacement; count them per row.
+    draws = rng.integers(0, num_images, size=(num_samples, num_images))
+    draws += np.arange(num_samples)[:, None] * num_images
+    counts = np.bincount(draws.reshape(-1), minlength=num_samples * num_images)
+    return counts.reshape(num_samples, num_images).astype(np.float64)
 
 
 def binned_metrics(neg: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
@@ -342,9 +346,11 @@ def binned_metrics(neg: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
     neg, pos = np.asarray(neg, dtype=np.float64), np.asarray(pos, dtype=np.float64)
     if neg.shape[-1] == 0:
         neg, pos = np.zeros((*neg.shape[:-1], 1)), np.zeros((*pos.shape[:-1], 1))
-    tp = np.cumsum(pos[..., ::-1], axis=-1)[..., ::-1]
-    fp = np.cumsum(neg[..., ::-1], axis=-1)[..., ::-1]
-    num_pos, num_neg = tp[..., 0], fp[..., 0]
+    # Counts at or above each bin from forward sums (exact: integer-valued float64 below 2**53).
+    below_pos, below_neg = np.cumsum(pos, axis=-1), np.cumsum(neg, axis=-1)
+    num_pos, num_neg = below_pos[..., -1], below_neg[..., -1]
+    tp = num_pos[..., None] - below_pos + pos
+    fp = num_neg[..., None] - below_neg + neg
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = tp / np.maximum(tp + fp, 1.0)
         aupr = np.where(num_pos > 0, (pos * precision).sum(-1) / np.maximum(num_pos, 1.0), np.nan)
