@@ -129,6 +129,8 @@ class _StageState:
                 metric._defaults[name] = torch.empty(0)
             metric._cache = None
             metric._computed = None
+            if hasattr(metric, "_image_summary"):  # the bootstrap's host copy of the per-image summaries
+                metric._image_summary = None
 
 
 # --------------------------------------------------------------------------------------- the callback
