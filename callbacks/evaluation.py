@@ -638,7 +638,7 @@ class AnomalyEvaluation(L.Callback):
         }
         arrays["meta"] = np.array(json.dumps(meta))
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays)
+        np.savez(buffer, **arrays)  # uncompressed: the sketch keys hardly compress, and writing stays fast
         atomic_write_bytes(path, buffer.getvalue())
         rank_zero_info(f"AnomalyEvaluation: wrote {path}")
 

@@ -249,6 +249,12 @@ def _cumulative_at(sketch: Sequence[np.ndarray], boundaries: np.ndarray) -> np.n
     return value.reshape(rows, boundaries.size)
 
 
+def _unique(values: np.ndarray) -> np.ndarray:
+    """The distinct values, sorted (a sort and a comparison: faster here than NumPy's hash-based ``unique``)."""
+    values = np.sort(values, axis=None)
+    return values[np.concatenate(([True], values[1:] != values[:-1]))] if values.size else values
+
+
 def _weighted_quantile_keys(sketch: Sequence[np.ndarray], levels: int) -> np.ndarray:
     """Keys at ``levels`` evenly spaced quantiles of the pooled class distribution the sketches describe."""
     keys, _, upto = (np.asarray(a, dtype=np.int64) for a in sketch)
@@ -261,7 +267,7 @@ def _weighted_quantile_keys(sketch: Sequence[np.ndarray], levels: int) -> np.nda
     order = np.argsort(keys, kind="stable")
     keys, cumulative = keys[order], np.cumsum(weights[order])
     targets = np.arange(1, levels + 1, dtype=np.float64) * (cumulative[-1] / levels)
-    return np.unique(keys[np.minimum(np.searchsorted(cumulative, targets, side="left"), keys.size - 1)])
+    return _unique(keys[np.minimum(np.searchsorted(cumulative, targets, side="left"), keys.size - 1)])
 
 
 def pooled_columns(
@@ -280,7 +286,7 @@ def pooled_columns(
     neg_sketch = [np.asarray(a) for a in neg_sketch]
     pos_sketch = [np.asarray(a) for a in pos_sketch]
     rows = neg_sketch[0].shape[0]
-    candidates = np.unique(np.concatenate([neg_sketch[0].reshape(-1), pos_sketch[0].reshape(-1)]))
+    candidates = _unique(np.concatenate([neg_sketch[0].reshape(-1), pos_sketch[0].reshape(-1)]))
     candidates = candidates[candidates != SKETCH_PAD].astype(np.int64)
     if candidates.size == 0:
         return np.zeros((rows, 0)), np.zeros((rows, 0))
@@ -289,7 +295,7 @@ def pooled_columns(
     else:
         half = max(max_columns // 2, 1)
         parts = [_weighted_quantile_keys(sketch, half) for sketch in (neg_sketch, pos_sketch)]
-        boundaries = np.unique(np.concatenate([*parts, candidates[-1:]]))
+        boundaries = _unique(np.concatenate([*parts, candidates[-1:]]))
     neg = np.diff(_cumulative_at(neg_sketch, boundaries), axis=1, prepend=0.0)
     pos = np.diff(_cumulative_at(pos_sketch, boundaries), axis=1, prepend=0.0)
     has_pos = pos.sum(0) > 0
