@@ -346,8 +346,9 @@ def binned_metrics(neg: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
     """AP, AUROC and first-reaching FPR95 of each row of per-bin counts (``[..., bins]``, increasing score).
 
     Row by row the same definitions as :func:`~callbacks.metrics.functional.curves.binary_metrics_from_counts`
-    (each bin one tied score; NaN where undefined), for counts given as floats (weighted sums of
-    integer counts are exact in float64).
+    (each bin one tied score; NaN where undefined), for counts given as floats: weighted sums of
+    integer counts (exact in float64) or fractional ones, such as interpolated or expected counts
+    (the metrics do not change when all counts are scaled).
     """
     neg, pos = np.asarray(neg, dtype=np.float64), np.asarray(pos, dtype=np.float64)
     if neg.shape[-1] == 0:
@@ -357,16 +358,20 @@ def binned_metrics(neg: np.ndarray, pos: np.ndarray) -> dict[str, np.ndarray]:
     num_pos, num_neg = below_pos[..., -1], below_neg[..., -1]
     tp = num_pos[..., None] - below_pos + pos
     fp = num_neg[..., None] - below_neg + neg
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = tp / np.maximum(tp + fp, 1.0)
-        aupr = np.where(num_pos > 0, (pos * precision).sum(-1) / np.maximum(num_pos, 1.0), np.nan)
-        both = (num_pos > 0) & (num_neg > 0)
-        auroc = np.where(both, (neg * (tp - 0.5 * pos)).sum(-1) / np.maximum(num_pos * num_neg, 1.0), np.nan)
-        # tp is non-increasing along the bins: those reaching 95% TPR form a prefix.
-        reach = 100.0 * tp >= 95.0 * num_pos[..., None]
-        index95 = np.maximum(reach.sum(-1) - 1, 0)
-        fp95 = np.take_along_axis(fp, index95[..., None], axis=-1)[..., 0]
-        fpr95 = np.where(both, fp95 / np.maximum(num_neg, 1.0), np.nan)
+    # Counts may be fractional (interpolated sketches, expected counts): divide only where the
+    # denominator is positive, never by a clamped one.
+    flagged = tp + fp
+    precision = np.divide(tp, flagged, out=np.zeros_like(tp), where=flagged > 0)
+    has_pos = num_pos > 0
+    both = has_pos & (num_neg > 0)
+    aupr = np.where(has_pos, (pos * precision).sum(-1) / np.where(has_pos, num_pos, 1.0), np.nan)
+    pairs = np.where(both, num_pos * num_neg, 1.0)
+    auroc = np.where(both, (neg * (tp - 0.5 * pos)).sum(-1) / pairs, np.nan)
+    # tp is non-increasing along the bins: those reaching 95% TPR form a prefix.
+    reach = 100.0 * tp >= 95.0 * num_pos[..., None]
+    index95 = np.maximum(reach.sum(-1) - 1, 0)
+    fp95 = np.take_along_axis(fp, index95[..., None], axis=-1)[..., 0]
+    fpr95 = np.where(both, fp95 / np.where(both, num_neg, 1.0), np.nan)
     return {"aupr": aupr, "auroc": auroc, "fpr95": fpr95}
 
 
@@ -389,7 +394,7 @@ def mean_replicates(weights: np.ndarray, values: np.ndarray) -> np.ndarray:
     total = weights @ np.where(usable, values, 0.0)
     count = weights @ usable.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1.0), np.nan)
+        return np.where(count > 0, total / np.where(count > 0, count, 1.0), np.nan)
 
 
 def miou_replicates(weights: np.ndarray, confusion: np.ndarray) -> np.ndarray:
@@ -400,7 +405,7 @@ def miou_replicates(weights: np.ndarray, confusion: np.ndarray) -> np.ndarray:
     true_pos = np.diagonal(summed, axis1=1, axis2=2)
     union = summed.sum(1) + summed.sum(2) - true_pos
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, true_pos / np.maximum(union, 1.0), np.nan)
+        iou = np.where(union > 0, true_pos / np.where(union > 0, union, 1.0), np.nan)
     present = np.isfinite(iou)
     return np.where(present.any(1), np.where(present, iou, 0.0).sum(1) / np.maximum(present.sum(1), 1), np.nan)
 
