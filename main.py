@@ -826,7 +826,8 @@ def _paired_differences(
 
 
 def _finite_or_nan(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and value is not None else math.nan
+    """A record's value as a float (NaN where it is missing or not a number)."""
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 def _intervals_note(bootstrap: dict[str, Any] | None) -> str:
