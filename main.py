@@ -23,8 +23,15 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from callbacks.evaluation import AnomalyEvaluation
+from callbacks.evaluation import AnomalyEvaluation, load_image_summaries
 from callbacks.guards import NonFiniteLossGuard, PreemptionCheckpoint, TrainingPreempted
+from callbacks.metrics.functional.bootstrap import (
+    BOOTSTRAP_LEVEL,
+    PAIRED_KEYS,
+    check_bootstrap_samples,
+    check_bootstrap_seed,
+    paired_comparison,
+)
 from callbacks.prediction_writer import AnomalyPredictionWriter
 from callbacks.protocol import resolve_presets
 from callbacks.visualization import AnomalyHeatmapLogger
@@ -266,10 +273,14 @@ def _root_cause(error: BaseException) -> BaseException:
 # ``python main.py compare``: train (or reuse), fit, test and compare every method on one dataset.
 # Each method runs from its config through the same CLI as ``main.py fit/test``, so what the
 # comparison measures is exactly what a user gets. Results in ``--output_dir``: comparison.json
-# (one record per method and per extra score), comparison.md (the table), comparison.png (PR/ROC
-# curves and example heatmaps), and each method's run folder. The roster and how methods share
+# (one record per method and per extra score, with bootstrap intervals and the paired differences
+# of every two rows), comparison.md (the table, each value with its interval), comparison.png
+# (PR/ROC curves, the headline values with their intervals, example heatmaps), and each method's
+# run folder. The roster and how methods share
 # networks come from the method registry; configs/compare.yaml holds the defaults.
 TABLE_KEYS = ("aupr", "auroc", "fpr95", "aupr_per_image", "auroc_per_image", "fpr95_per_image")
+#: Marks rows whose paired difference from the column's best row has a 95% interval containing 0.
+TIED_MARK = "≈"
 
 
 REPO = Path(__file__).resolve().parent
@@ -326,6 +337,15 @@ def build_compare_parser() -> ArgumentParser:
     )
     parser.add_argument("--num_examples", type=int, default=2, help="Example images in the heatmap rows.")
     parser.add_argument(
+        "--bootstrap_samples",
+        type=int,
+        default=1000,
+        help="Resamples of the test images for the 95%% intervals and the paired differences (0: none).",
+    )
+    parser.add_argument(
+        "--bootstrap_seed", type=int, default=0, help="Seed of the resamples (the same for every method)."
+    )
+    parser.add_argument(
         "--protocols",
         type=list[str],
         default=[],
@@ -360,7 +380,9 @@ def _records_of(name: str, results: dict[str, Any], extra: dict[str, Any], liste
             "network": name,
             "score": score,
             **{key: values.get(key, math.nan) for key in TABLE_KEYS},
+            **{f"{key}_ci": values[f"{key}_ci"] for key in TABLE_KEYS if f"{key}_ci" in values},
             "miou": results["segmentation"]["miou"],
+            **({"miou_ci": results["segmentation"]["miou_ci"]} if "miou_ci" in results["segmentation"] else {}),
             "anomaly_fraction": results["anomaly_fraction"],
             "num_classes": results["num_classes"],
             **extra,
@@ -460,20 +482,47 @@ def run_method(
     }
 
 
-def format_table(records: list[dict[str, Any]]) -> str:
+def _number(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
+
+
+def format_value(value: Any, interval: Sequence[float | None] | None = None, digits: int = 3) -> str:
+    """``0.122 [0.110, 0.135]``: a value and its interval (the value alone without one)."""
+    text = _number(value, digits)
+    if interval is None or text == "n/a" or any(bound is None or not math.isfinite(bound) for bound in interval):
+        return text
+    low, high = interval
+    return f"{text} [{_number(low, digits)}, {_number(high, digits)}]"
+
+
+def format_table(records: list[dict[str, Any]], best: dict[str, dict[str, Any]] | None = None) -> str:
+    """The results table: each value with its 95% interval where there is one.
+
+    ``best`` (``paired_comparison``'s): the best value of a column is bold, and rows not
+    distinguishable from it (the paired interval of their difference contains 0) get ``TIED_MARK``.
+    """
     header = "| method | AUPR | AUROC | FPR95 | AUPR/img | AUROC/img | FPR95/img | mIoU | train s | test s |"
     lines = [header, "|" + "---|" * 10]
+    best = best or {}
 
-    def fmt(value: Any, digits: int = 3) -> str:
-        return (
-            "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
-        )
+    def cell(record: dict[str, Any], key: str) -> str:
+        text = format_value(record[key], record.get(f"{key}_ci"))
+        mark = best.get(key)
+        if mark is None or text == "n/a":
+            return text
+        if record["method"] == mark["method"]:
+            value, _, rest = text.partition(" ")
+            return f"**{value}** {rest}".rstrip()
+        if record["method"] in mark["not_distinguishable"]:
+            return f"{text} {TIED_MARK}"
+        return text
 
     for r in records:
+        cells = [cell(r, key) for key in (*TABLE_KEYS, "miou")]
         lines.append(
-            f"| {r['method']} | {fmt(r['aupr'])} | {fmt(r['auroc'])} | {fmt(r['fpr95'])} | "
-            f"{fmt(r['aupr_per_image'])} | {fmt(r['auroc_per_image'])} | {fmt(r['fpr95_per_image'])} | "
-            f"{fmt(r['miou'])} | {fmt(r['train_time_s'], 0)} | {fmt(r['test_time_s'], 0)} |"
+            f"| {r['method']} | "
+            + " | ".join(cells)
+            + f" | {_number(r['train_time_s'], 0)} | {_number(r['test_time_s'], 0)} |"
         )
     return "\n".join(lines)
 
@@ -488,8 +537,7 @@ def format_protocol_tables(records: list[dict[str, Any]]) -> str:
         for r in records:
             values = r.get("protocols", {}).get(name)
             if values is not None:
-                cells = [f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else "n/a" for v in
-                         (values["aupr"], values["auroc"], values["fpr95"])]  # fmt: skip
+                cells = [format_value(values[key], values.get(f"{key}_ci")) for key in ("aupr", "auroc", "fpr95")]
                 lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     return "".join(parts)
@@ -572,9 +620,18 @@ def _plot_size_strata(ax: Any, records: list[dict[str, Any]]) -> None:
 
 
 def plot_comparison(
-    records: list[dict[str, Any]], curves: dict[str, dict[str, Any]], examples: dict[str, list[dict]], path: Path
+    records: list[dict[str, Any]],
+    curves: dict[str, dict[str, Any]],
+    examples: dict[str, list[dict]],
+    path: Path,
+    best: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    """PR and ROC curves of every record, then one row of example heatmaps per method."""
+    """PR and ROC curves of every record, their headline values with 95% intervals, then example heatmaps.
+
+    The interval row shows AUPR, AUROC and FPR95 (pooled) of every record as a point with its
+    bootstrap interval as a bar (a point alone where there is none); the column's best value is
+    drawn in red and rows not distinguishable from it (``best``'s ``not_distinguishable``) hollow.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -583,14 +640,20 @@ def plot_comparison(
     methods = [m for m in examples if examples[m]]
     shown = examples[methods[0]] if methods else []  # every method scores the same test images
     columns = max(3, len(shown))  # PR, ROC and the size-strata panel on top
-    # Curves on top, then the inputs, their ground truth and one row of heatmaps per method; each
-    # example image keeps its column, so a method's heatmap sits under the image it scores.
-    heights = [1.6] + [1.0] * (2 + len(methods)) if shown else [1.6]
+    # Curves on top, the intervals under them, then the inputs, their ground truth and one row of
+    # heatmaps per method; each example image keeps its column, so a method's heatmap sits under
+    # the image it scores.
+    summary_height = max(1.2, 0.13 * len(records))
+    heights = [1.6, summary_height] + [1.0] * (2 + len(methods)) if shown else [1.6, summary_height]
     fig, axes = plt.subplots(
         len(heights), columns, figsize=(4.0 * columns, 2.1 * sum(heights)),
         gridspec_kw={"height_ratios": heights}, squeeze=False,
     )  # fmt: skip
     pr_ax, roc_ax = axes[0, 0], axes[0, 1]
+    for ax in axes[1]:
+        ax.remove()
+    _plot_intervals(fig, axes[0, 0].get_gridspec()[1, :], records, best or {})
+    axes = np.concatenate([axes[:1], axes[2:]])  # the rows below keep their former indices
     for record in records:
         curve = curves.get(record["method"])
         if not curve:
@@ -610,7 +673,7 @@ def plot_comparison(
     for ax in axes[0, 3:]:
         ax.axis("off")
     for col in range(columns):
-        for row in range(1, len(heights)):
+        for row in range(1, axes.shape[0]):
             axes[row, col].set_xticks([])
             axes[row, col].set_yticks([])
             if col >= len(shown):
@@ -636,6 +699,37 @@ def plot_comparison(
     plt.close(fig)
 
 
+def _plot_intervals(fig: Any, cell: Any, records: list[dict[str, Any]], best: dict[str, dict[str, Any]]) -> None:
+    """Point summaries with 95% interval bars: AUPR, AUROC and FPR95 of every record, one panel each."""
+    panels = cell.subgridspec(1, 3, wspace=0.08)
+    rows = np.arange(len(records))[::-1]
+    for column, (key, title) in enumerate((("aupr", "AUPR"), ("auroc", "AUROC"), ("fpr95", "FPR95"))):
+        ax = fig.add_subplot(panels[0, column])
+        mark = best.get(key, {})
+        for y, record in zip(rows, records, strict=True):
+            value = record.get(key)
+            if value is None or not math.isfinite(value):
+                continue
+            interval = record.get(f"{key}_ci")
+            if interval is not None and all(b is not None and math.isfinite(b) for b in interval):
+                ax.plot(interval, [y, y], color="tab:blue", lw=1.2)
+            is_best = record["method"] == mark.get("method")
+            tied = record["method"] in mark.get("not_distinguishable", ())
+            ax.plot(
+                [value], [y], "o", ms=3.5,
+                color="tab:red" if is_best else "tab:blue", markerfacecolor="white" if tied else None,
+            )  # fmt: skip
+        ax.set_yticks(rows)
+        ax.set_yticklabels([r["method"] for r in records] if column == 0 else [], fontsize=6)
+        ax.set_ylim(-0.7, len(records) - 0.3)
+        ax.tick_params(axis="x", labelsize=6)
+        ax.grid(axis="x", lw=0.3)
+        lower = ", lower is better" if key == "fpr95" else ""
+        ax.set_title(f"{title}{lower} [95% interval]", fontsize=7)
+        if column == 1 and best:
+            ax.set_xlabel("red: best row; hollow: not distinguishable from it (paired bootstrap)", fontsize=6)
+
+
 def compare(
     output_dir: str,
     methods: Sequence[str] | dict[str, str] | str | None = None,
@@ -647,8 +741,16 @@ def compare(
     base_config: str | None = "configs/demo.yaml",
     method_config_dir: str = "configs/method/demo",
     protocols: Sequence[str] = (),
+    bootstrap_samples: int = 1000,
+    bootstrap_seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Run the comparison and write its three files; return the records.
+
+    ``bootstrap_samples`` / ``bootstrap_seed``: every method's test run resamples the test images
+    that many times with that seed (``--evaluation.bootstrap_*``), so each value gets a 95%
+    interval; ``comparison.json`` then holds, for every two rows and every headline metric, the
+    difference, its interval from the *same* resamples of both and whether it excludes zero, and
+    ``comparison.md`` marks the rows that are not distinguishable from each column's best.
 
     ``protocols``: presets of :data:`callbacks.protocol.PRESETS` evaluated too (the method's own
     score under each); every record then holds them under ``protocols`` and ``comparison.md``
@@ -660,6 +762,16 @@ def compare(
     ``scores_network_of`` / ``init_from`` default to what the methods registered, restricted to
     the methods run.
     """
+    try:
+        bootstrap_samples = check_bootstrap_samples(bootstrap_samples)
+        bootstrap_seed = check_bootstrap_seed(bootstrap_seed)
+    except ValueError as error:
+        raise ValueError(f"compare: {error}") from None
+    overrides = [
+        *overrides,
+        f"--evaluation.bootstrap_samples={bootstrap_samples}",
+        f"--evaluation.bootstrap_seed={bootstrap_seed}",
+    ]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     discover_methods()
@@ -735,6 +847,8 @@ def compare(
     rank = {name: i for i, name in enumerate(names)}
     primary = sorted((r for r in records if r["method"] == r["network"]), key=lambda r: rank[r["network"]])
     records = primary + [r for r in records if r["method"] != r["network"]]
+    bootstrap, comparison = _paired_differences(records, runs, bootstrap_samples, bootstrap_seed)
+    best = comparison["best"] if comparison else None
     atomic_write_json(
         out / "comparison.json",
         {
@@ -744,6 +858,9 @@ def compare(
             "scores_network_of": scores_network_of,
             "init_from": init_from,
             "protocol": _common_protocol({name: runs[name]["results"].get("protocol") for name in names}),
+            "bootstrap": bootstrap,
+            "best": best,
+            "pairs": comparison["pairs"] if comparison else None,
         },
     )
     galleries = {
@@ -751,7 +868,7 @@ def compare(
         for name in names
     }
     galleries = {name: paths for name, paths in galleries.items() if paths}
-    table = format_table(records) + format_protocol_tables(records) + format_operating_tables(records, galleries)
+    table = format_table(records, best) + format_protocol_tables(records) + format_operating_tables(records, galleries)
     fraction = records[0]["anomaly_fraction"] if records else math.nan
     atomic_write_text(
         out / "comparison.md",
@@ -760,12 +877,82 @@ def compare(
         "`/img`: mean over test images with anomalies (StreetHazards reference protocol). "
         "FPR95: the first ROC point reaching 95% TPR (pooled), the threshold whose recall is closest "
         "to 0.95 (`/img`, the reference code's rule). `score@network`: another score of that network. "
-        "Protocol card: `comparison.json`, key `protocol`.\n\n" + table + "\n",
+        "Protocol card: `comparison.json`, key `protocol`." + _intervals_note(bootstrap) + "\n\n" + table + "\n",
     )
-    plot_comparison(records, curves, examples, out / "comparison.png")
+    plot_comparison(records, curves, examples, out / "comparison.png", best)
     print(table)
     print(f"compare: wrote {out / 'comparison.json'}, {out / 'comparison.md'}, {out / 'comparison.png'}")
     return records
+
+
+def _paired_differences(
+    records: list[dict[str, Any]], runs: dict[str, dict[str, Any]], samples: int, seed: int
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The ``bootstrap`` block of comparison.json and ``paired_comparison`` over every record (or ``None``).
+
+    Each record's per-image summaries come from the file its test run wrote beside metrics.json;
+    all records are resampled with the same image draws. Without the bootstrap, or when the
+    methods were not scored on the same named images, there are no pairs (the block says why).
+    """
+    if samples == 0:
+        return None, None
+    block: dict[str, Any] = {
+        "samples": samples,
+        "seed": seed,
+        "level": BOOTSTRAP_LEVEL,
+        "interval": "percentile, over test images resampled with replacement; the same resamples for every row",
+    }
+    summaries: dict[str, dict[str, Any]] = {}
+    values: dict[str, dict[str, float]] = {}
+    loaded: dict[str, dict[str, Any]] = {}
+    try:
+        for record in records:
+            run = runs[record["network"]]
+            name = run["results"].get("bootstrap", {}).get("image_summaries")
+            if name is None or run["metrics_file"] is None:
+                raise ValueError(f"'{record['method']}' wrote no per-image summaries")
+            path = Path(run["metrics_file"]).parent / name
+            if record["network"] not in loaded:
+                loaded[record["network"]] = load_image_summaries(path)
+            data = loaded[record["network"]]
+            if record["score"] not in data["scores"]:
+                raise ValueError(f"{path} holds no summaries of the score '{record['score']}'")
+            summary = dict(data["scores"][record["score"]])
+            if data["segmentation"] is not None:
+                summary["confusion_image_id"] = data["segmentation"]["image_id"]
+                summary["confusion"] = data["segmentation"]["confusion"]
+            summaries[record["method"]] = summary
+            values[record["method"]] = {key: float(_finite_or_nan(record.get(key))) for key in PAIRED_KEYS}
+        comparison = paired_comparison(summaries, values, samples, seed)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"compare: no paired differences: {error}")
+        block["pairs_unavailable"] = str(error)
+        return block, None
+    block["num_images"] = comparison["num_images"]
+    return block, comparison
+
+
+def _finite_or_nan(value: Any) -> float:
+    """A record's value as a float (NaN where it is missing or not a number)."""
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _intervals_note(bootstrap: dict[str, Any] | None) -> str:
+    """The sentence of comparison.md that explains the intervals and the marks."""
+    if bootstrap is None:
+        return ""
+    text = (
+        f" `[low, high]`: 95% percentile interval from {bootstrap['samples']} resamples of the test images "
+        f"(seed {bootstrap['seed']})."
+    )
+    if "pairs_unavailable" in bootstrap:
+        return text + f" No paired differences: {bootstrap['pairs_unavailable']}."
+    return text + (
+        " **Bold**: the best value of its column. "
+        f"{TIED_MARK}: not distinguishable from that best row (the 95% interval of their paired difference, "
+        "bootstrapped with the same resampled images for both, contains 0); unmarked rows differ from it. "
+        "Every pair's difference is in `comparison.json`, key `pairs`."
+    )
 
 
 def _common_protocol(cards: dict[str, Any]) -> dict[str, Any]:
@@ -789,6 +976,8 @@ def compare_main(argv: Sequence[str]) -> int:
         cfg.base_config,
         cfg.method_config_dir,
         cfg.protocols,
+        cfg.bootstrap_samples,
+        cfg.bootstrap_seed,
     )
     return 0
 

@@ -18,6 +18,8 @@ grow; a second copy in the batches where it grows).
 from __future__ import annotations
 
 import datetime as _dt
+import io
+import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -34,12 +37,18 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from callbacks.metrics import AnomalyMetrics, NegativeScoreHistogram, SegmentationMetrics, SplitCounts
-from callbacks.metrics.anomaly import check_num_bits
+from callbacks.metrics.anomaly import CI_KEYS, PER_IMAGE_FIELDS, check_num_bits
 from callbacks.metrics.functional import BinLayout, false_positive_breakdown
+from callbacks.metrics.functional.bootstrap import (
+    BOOTSTRAP_LEVEL,
+    check_bootstrap_samples,
+    check_bootstrap_seed,
+    image_id,
+)
 from callbacks.metrics.size_strata import DEFAULT_SIZE_BINS
 from callbacks.operating_points import OPERATING_POINTS, OperatingPointEvaluation
 from callbacks.protocol import EvaluationOptionError, ProtocolPreset, protocol_card, resolve_presets
-from datamodules.io import atomic_write_json
+from datamodules.io import atomic_write_bytes, atomic_write_json
 from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IGNORE_INDEX
 from datamodules.streethazards import is_padding
 from lightning_modules.scoring.test_time_augmentation import TestTimeAugmentation, TTAOptions
@@ -47,6 +56,7 @@ from lightning_modules.scoring.test_time_augmentation import TestTimeAugmentatio
 __all__ = [
     "AnomalyEvaluation",
     "false_positive_report",
+    "load_image_summaries",
     "resize_to",
 ]
 
@@ -61,6 +71,8 @@ PRIMARY_KEYS: tuple[str, ...] = (
 )
 #: Metrics logged per score as ``<stage>/<score>/<key>``; every key goes into ``metrics.json``.
 LOGGED_KEYS: tuple[str, ...] = (*PRIMARY_KEYS, "threshold95")
+#: With the bootstrap, each interval ``<key>_ci`` is also logged as ``<key>_ci_low`` and ``<key>_ci_high``.
+CI_SUFFIXES = ("_ci_low", "_ci_high")
 
 _STAGE_PREFIX = {"validate": "val", "test": "test"}
 
@@ -124,6 +136,8 @@ class _StageState:
                 metric._defaults[name] = torch.empty(0)
             metric._cache = None
             metric._computed = None
+            if hasattr(metric, "_image_summary"):  # the bootstrap's host copy of the per-image summaries
+                metric._image_summary = None
 
 
 # --------------------------------------------------------------------------------------- the callback
@@ -137,7 +151,21 @@ class AnomalyEvaluation(L.Callback):
     - for every score ``s``: ``<p>/s/aupr``, ``auroc``, ``fpr95``, ``threshold95`` and the
       per-image variants (mean over images that contain anomalies, the reference protocol);
     - for the primary score, the same without the score name: ``<p>/aupr``, ...;
-    - ``<p>/anomaly_fraction``.
+    - ``<p>/anomaly_fraction``;
+    - on test with ``bootstrap_samples > 0``, the 95% bootstrap interval of each headline value:
+      ``<p>/s/<key>_ci_low`` and ``<p>/s/<key>_ci_high`` for every key of
+      :data:`~callbacks.metrics.anomaly.CI_KEYS` (pooled AUPR, AUROC, FPR95 and the per-image
+      means), the same without the score name for the primary score, and ``<p>/miou_ci_low``,
+      ``<p>/miou_ci_high``.
+
+    **Intervals over test images** (``test`` only; validation keeps no per-image state): every
+    ``AnomalyMetrics`` and the ``SegmentationMetrics`` of a test run keep per-image summaries
+    (9 KiB per image and score, 1.3 KiB for the confusion matrix) and resample the test images
+    ``bootstrap_samples`` times with replacement, seeded by ``bootstrap_seed``; ``metrics.json``
+    gets ``<key>_ci`` = ``[low, high]`` next to every headline value and a ``bootstrap`` block, and
+    the summaries are written to ``image_summaries_filename`` beside it (keyed by a hash of each
+    image's name, for paired comparisons between methods in ``compare``). Images are identified
+    by the batch's ``name`` entry, so 1 and 2 processes give the same intervals.
 
     Anomaly metrics are skipped in validation when the split holds no anomaly pixel
     (StreetHazards' validation split has none: the decision uses an exact, synchronised pixel
@@ -197,6 +225,12 @@ class AnomalyEvaluation(L.Callback):
         gallery_size: images with the largest false-positive area, and largest missed components,
             kept for the failure gallery (at ``operating_point``).
         operating_point: the operating point of the gallery: ``tpr95`` or ``best_f1``.
+        bootstrap_samples: resamples of the test images for the 95% intervals (0: none, and no
+            per-image state is kept).
+        bootstrap_seed: seed of the resamples; the same seed resamples the same images in every
+            method, which is what makes ``compare``'s paired differences paired.
+        image_summaries_filename: name of the per-image summaries file (NumPy ``.npz``) written beside
+            ``metrics.json`` when the bootstrap is on.
 
     After an epoch, :attr:`results` holds the values per stage (``"validate"``, ``"test"``),
     :attr:`curves` the PR/ROC curves and TensorBoard PR-curve counts per stage and score (global
@@ -227,6 +261,9 @@ class AnomalyEvaluation(L.Callback):
         size_bins: Sequence[float] = DEFAULT_SIZE_BINS,
         gallery_size: int = 4,
         operating_point: str = "tpr95",
+        bootstrap_samples: int = 1000,
+        bootstrap_seed: int = 0,
+        image_summaries_filename: str = "image_summaries.npz",
     ) -> None:
         super().__init__()
         try:
@@ -237,6 +274,13 @@ class AnomalyEvaluation(L.Callback):
             self.num_bits = check_num_bits(num_bits)
         except ValueError as error:
             raise EvaluationOptionError(f"evaluation.{error}") from None
+        try:
+            self.bootstrap_samples = check_bootstrap_samples(bootstrap_samples)
+            self.bootstrap_seed = check_bootstrap_seed(bootstrap_seed)
+        except ValueError as error:
+            raise EvaluationOptionError(f"evaluation.{error}") from None
+        self.image_summaries_filename = image_summaries_filename
+        self.image_summaries_path: Path | None = None
         # Unknown presets, rules or classes fail here, before any training; the class set is
         # checked again against the run's classes at the first batch.
         self.protocols = list(protocols)
@@ -296,7 +340,9 @@ class AnomalyEvaluation(L.Callback):
             # The logged values are already reduced across processes (torchmetrics did it), so
             # Lightning's advice to pass sync_dist=True does not apply to them; silence it for
             # exactly these keys, leaving the warning intact for anything else logged.
-            keys = "|".join(("miou", "pixel_accuracy", "anomaly_fraction", *LOGGED_KEYS))
+            base = ("miou", "pixel_accuracy", "anomaly_fraction", *LOGGED_KEYS)
+            intervals = tuple(key + suffix for key in (*CI_KEYS, "miou") for suffix in CI_SUFFIXES)
+            keys = "|".join((*base, *intervals))
             warnings.filterwarnings(
                 "ignore",
                 message=rf"It is recommended to use `self\.log\('(val|test)/([^/']+/)?({keys})'",
@@ -365,17 +411,18 @@ class AnomalyEvaluation(L.Callback):
         ignore_index = int(getattr(pl_module, "ignore_index", IGNORE_INDEX))
         anomaly_index = int(getattr(pl_module, "anomaly_index", ANOMALY_INDEX))
         device = pl_module.device
+        bootstrap = self._bootstrap_options(stage)
         return _StageState(
             num_classes=num_classes,
             score_names=names,
-            segmentation=SegmentationMetrics(num_classes, ignore_index=ignore_index, anomaly_index=anomaly_index).to(
-                device
-            ),
+            segmentation=SegmentationMetrics(
+                num_classes, ignore_index=ignore_index, anomaly_index=anomaly_index, **bootstrap
+            ).to(device),
             counts=SplitCounts(ignore_index, anomaly_index).to(device),
             anomaly={
-                name: AnomalyMetrics(anomaly_index=anomaly_index, ignore_index=ignore_index, num_bits=self.num_bits).to(
-                    device
-                )
+                name: AnomalyMetrics(
+                    anomaly_index=anomaly_index, ignore_index=ignore_index, num_bits=self.num_bits, **bootstrap
+                ).to(device)
                 for name in names
             },
             negatives=(
@@ -383,9 +430,14 @@ class AnomalyEvaluation(L.Callback):
                 if self.per_class_false_positives
                 else None
             ),
-            protocols=self._create_protocols(pl_module, num_classes, names, anomaly_index, ignore_index),
+            protocols=self._create_protocols(pl_module, num_classes, names, anomaly_index, ignore_index, bootstrap),
             test_time_augmentation=_tta_text(pl_module) if stage == "test" else "none",
         )
+
+    def _bootstrap_options(self, stage: str) -> dict[str, int]:
+        """The metrics' bootstrap arguments: intervals on test only (validation keeps no per-image state)."""
+        samples = self.bootstrap_samples if stage == "test" else 0
+        return {"bootstrap_samples": samples, "bootstrap_seed": self.bootstrap_seed}
 
     def _create_protocols(
         self,
@@ -394,6 +446,7 @@ class AnomalyEvaluation(L.Callback):
         names: tuple[str, ...],
         anomaly_index: int,
         ignore_index: int,
+        bootstrap: dict[str, int] | None = None,
     ) -> dict[str, tuple[ProtocolPreset, Tensor, dict[str, AnomalyMetrics] | None]]:
         class_names = _class_names(pl_module.trainer, pl_module, num_classes)
         scores = names if self.protocol_scores == "all" else names[:1]
@@ -405,7 +458,10 @@ class AnomalyEvaluation(L.Callback):
             metrics = (
                 {
                     score: AnomalyMetrics(
-                        anomaly_index=anomaly_index, ignore_index=ignore_index, num_bits=self.num_bits
+                        anomaly_index=anomaly_index,
+                        ignore_index=ignore_index,
+                        num_bits=self.num_bits,
+                        **(bootstrap or {}),
                     ).to(pl_module.device)
                     for score in scores
                 }
@@ -431,15 +487,16 @@ class AnomalyEvaluation(L.Callback):
             return  # a process without samples evaluates a placeholder so that it joins the collectives
 
         size = mask.shape[-2:]
+        ids = _image_ids(batch, mask.shape[0]) if state.segmentation.bootstrap_samples else None
         preds = resize_to(logits, size).argmax(dim=1)
-        state.segmentation.update(preds, mask)
+        state.segmentation.update(preds, mask, image_ids=ids)
         state.counts.update(mask)
         if state.skip_anomaly:
             return
         resized = {name: resize_to(score, size).float() for name, score in scores.items()}
         # Every pooled histogram of the batch at once: one wait for the device in all (two when a
         # layout grows), instead of one per score and protocol.
-        updates = [(state.anomaly[name], score, mask) for name, score in resized.items()]
+        updates = [(state.anomaly[name], score, mask, ids) for name, score in resized.items()]
         for preset, void_index, own in state.protocols.values():
             if own is None:
                 continue
@@ -448,7 +505,7 @@ class AnomalyEvaluation(L.Callback):
             if preset.images == "with_anomalies":
                 has_anomaly = (mask == state.counts.anomaly_index).flatten(1).any(dim=1).view(-1, 1, 1)
                 protocol_mask = torch.where(has_anomaly, protocol_mask, ignore)
-            updates.extend((metric, resized[name], protocol_mask) for name, metric in own.items())
+            updates.extend((metric, resized[name], protocol_mask, ids) for name, metric in own.items())
         AnomalyMetrics.update_many(updates)
         if stage == "test" and self.operating_points is not None:
             images = batch.get("image")
@@ -473,11 +530,16 @@ class AnomalyEvaluation(L.Callback):
             if value is not None and math.isfinite(value):
                 pl_module.log(name, float(value), on_step=False, on_epoch=True, sync_dist=False, prog_bar=prog_bar)
 
+        def log_interval(name: str, interval: Sequence[float] | None) -> None:
+            for suffix, value in zip(CI_SUFFIXES, interval or (), strict=False):
+                log(name + suffix, value)
+
         # Every compute()/curves() below reduces across processes: all ranks run them in this order.
         segmentation = state.segmentation.compute()
         counts = state.counts.compute()
         log(f"{prefix}/miou", segmentation["miou"], prog_bar=True)
         log(f"{prefix}/pixel_accuracy", segmentation["pixel_accuracy"])
+        log_interval(f"{prefix}/miou", segmentation.get("miou_ci"))
 
         anomaly: dict[str, dict[str, float]] = {}
         protocols: dict[str, dict[str, Any]] = {}
@@ -503,12 +565,19 @@ class AnomalyEvaluation(L.Callback):
                     }
                 for key in LOGGED_KEYS:
                     log(f"{prefix}/{name}/{key}", anomaly[name].get(key))
+                for key in CI_KEYS:
+                    log_interval(f"{prefix}/{name}/{key}", anomaly[name].get(f"{key}_ci"))
             for key in PRIMARY_KEYS:
                 log(f"{prefix}/{key}", anomaly[state.primary].get(key), prog_bar=key == "aupr")
+            for key in CI_KEYS:
+                log_interval(f"{prefix}/{key}", anomaly[state.primary].get(f"{key}_ci"))
             protocols = self._protocol_results(state, anomaly)
             for protocol, values in protocols.items():
                 for key, value in values["scores"][state.primary].items():
-                    log(f"{prefix}/{protocol}/{key}", value)
+                    if key.endswith("_ci"):
+                        log_interval(f"{prefix}/{protocol}/{key}", value)
+                    else:
+                        log(f"{prefix}/{protocol}/{key}", value)
         elif stage == "validate":
             rank_zero_info(
                 "AnomalyEvaluation: the validation split has no anomaly pixels; anomaly metrics skipped (and not "
@@ -539,6 +608,7 @@ class AnomalyEvaluation(L.Callback):
             "class_names": class_names,
             "segmentation": {
                 "miou": segmentation["miou"],
+                **({"miou_ci": segmentation["miou_ci"]} if "miou_ci" in segmentation else {}),
                 "pixel_accuracy": segmentation["pixel_accuracy"],
                 "iou": dict(zip(class_names, segmentation["iou"], strict=True)),
                 "confusion_matrix": segmentation.get("confusion_matrix"),
@@ -552,6 +622,15 @@ class AnomalyEvaluation(L.Callback):
             "protocol": _protocol_card_of(trainer, class_names, state.test_time_augmentation),
             "protocols": protocols,
         }
+        if state.segmentation.bootstrap_samples:
+            self.results[stage]["bootstrap"] = {
+                "samples": self.bootstrap_samples,
+                "seed": self.bootstrap_seed,
+                "level": BOOTSTRAP_LEVEL,
+                "num_images": counts["images"],
+                "interval": "percentile, over test images resampled with replacement",
+                "image_summaries": self.image_summaries_filename,
+            }
         if stage == "test" and self.operating_points is not None:
             operating = self.operating_points.compute(trainer)
             self.results[stage]["operating_points"] = operating
@@ -569,6 +648,8 @@ class AnomalyEvaluation(L.Callback):
         self.curves[stage] = curves
         if stage == "test" and output_dir is not None:
             self._write_metrics(trainer, output_dir, self.results[stage])
+            if state.segmentation.bootstrap_samples:
+                self._write_image_summaries(trainer, output_dir, state)
 
     def _protocol_results(self, state: _StageState, anomaly: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
         """Each preset's card and, per score, its AUPR, AUROC and FPR95 (a collective under DDP)."""
@@ -580,6 +661,9 @@ class AnomalyEvaluation(L.Callback):
             for score in own if own is not None else names:
                 values = own[score].compute() if own is not None else anomaly[score]
                 scores[score] = {key: values[source] for key, source in preset.result_keys.items()}
+                for key, source in preset.result_keys.items():
+                    if f"{source}_ci" in values:
+                        scores[score][f"{key}_ci"] = values[f"{source}_ci"]
                 images = "num_images_per_image" if preset.aggregation == "per_image" else None
                 scores[score]["num_images"] = values[images] if images else None
                 scores[score]["anomaly_fraction"] = values["anomaly_fraction"]
@@ -603,7 +687,10 @@ class AnomalyEvaluation(L.Callback):
             "checkpoint": trainer.ckpt_path,
             # Headline numbers: the primary score under both protocols, and closed-set mIoU.
             **{key: primary.get(key, math.nan) for key in PRIMARY_KEYS},
+            **{f"{key}_ci": primary[f"{key}_ci"] for key in PRIMARY_KEYS if f"{key}_ci" in primary},
             "miou": results["segmentation"]["miou"],
+            **({"miou_ci": results["segmentation"]["miou_ci"]} if "miou_ci" in results["segmentation"] else {}),
+            **({"bootstrap": results["bootstrap"]} if "bootstrap" in results else {}),
             "segmentation": results["segmentation"],
             "anomaly_fraction": results["anomaly_fraction"],
             "num_valid_pixels": results["num_valid_pixels"],
@@ -617,6 +704,67 @@ class AnomalyEvaluation(L.Callback):
         }
         atomic_write_json(path, document)
         rank_zero_info(f"AnomalyEvaluation: wrote {path}")
+
+    def _write_image_summaries(self, trainer: L.Trainer, output_dir: Path, state: _StageState) -> None:
+        """The per-image summaries every interval was computed from (rank 0; every rank holds all images)."""
+        path = output_dir / self.image_summaries_filename
+        self.image_summaries_path = path
+        if not trainer.is_global_zero:
+            return
+        arrays: dict[str, np.ndarray] = {}
+        for name, metric in state.anomaly.items():
+            summary = metric.image_summary()
+            if summary is None:
+                continue
+            arrays[f"{name}.image_id"] = summary["image_id"]
+            arrays[f"{name}.values"] = summary["values"]
+            arrays[f"{name}.neg_sketch"] = np.stack(summary["neg_sketch"], axis=1)
+            arrays[f"{name}.pos_sketch"] = np.stack(summary["pos_sketch"], axis=1)
+        segmentation = state.segmentation.image_summary()
+        if segmentation is not None:
+            arrays["segmentation.image_id"] = segmentation["image_id"]
+            arrays["segmentation.confusion"] = segmentation["confusion"]
+        meta = {
+            "format": 1,
+            "scores": list(state.anomaly),
+            "primary_score": state.primary,
+            "per_image_fields": list(PER_IMAGE_FIELDS),
+            "bootstrap_samples": self.bootstrap_samples,
+            "bootstrap_seed": self.bootstrap_seed,
+            "image_id": "first 8 bytes of BLAKE2b of the image name (63 bits); -1: no name",
+        }
+        arrays["meta"] = np.array(json.dumps(meta))
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)  # uncompressed: the sketch keys hardly compress, and writing stays fast
+        atomic_write_bytes(path, buffer.getvalue())
+        rank_zero_info(f"AnomalyEvaluation: wrote {path}")
+
+
+def load_image_summaries(path: str | Path) -> dict[str, Any]:
+    """Read a file of :meth:`AnomalyEvaluation._write_image_summaries`: what ``compare`` pairs methods with.
+
+    Returns ``meta`` (a dict), ``scores`` (per score: ``image_id``, ``values``, ``neg_sketch`` and
+    ``pos_sketch`` as ``(keys, below, upto)``) and ``segmentation`` (``image_id``, ``confusion``)
+    or ``None``.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    scores = {}
+    for name in meta["scores"]:
+        if f"{name}.image_id" not in arrays:
+            continue
+        neg, pos = arrays[f"{name}.neg_sketch"], arrays[f"{name}.pos_sketch"]
+        scores[name] = {
+            "image_id": arrays[f"{name}.image_id"],
+            "values": arrays[f"{name}.values"],
+            "neg_sketch": tuple(neg[:, field] for field in range(3)),
+            "pos_sketch": tuple(pos[:, field] for field in range(3)),
+        }
+    segmentation = None
+    if "segmentation.image_id" in arrays:
+        segmentation = {"image_id": arrays["segmentation.image_id"], "confusion": arrays["segmentation.confusion"]}
+    return {"meta": meta, "scores": scores, "segmentation": segmentation}
 
 
 def _operating_points_card(operating: Mapping[str, Any]) -> str:
@@ -694,6 +842,19 @@ def _unpack_outputs(outputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
     if not isinstance(scores, Mapping):
         raise ValueError(f"scores must be a dict of name -> [B, h, w] tensors, got {type(scores).__name__}")
     return logits, dict(scores)
+
+
+def _image_ids(batch: Mapping[str, Any], size: int) -> list[int] | None:
+    """Ids of the batch's images from their ``name`` entry (``None`` without names)."""
+    names = batch.get("name")
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    if len(names) != size:
+        return None
+    return [image_id(str(name)) for name in names]
 
 
 def _class_names(trainer: L.Trainer, pl_module: L.LightningModule, num_classes: int) -> list[str]:

@@ -315,7 +315,9 @@ def assert_same_evaluation(one: dict[str, Any], two: dict[str, Any], exact_score
     for score, values in one["scores"].items():
         for key, value in values.items():
             other = two["scores"][score][key]
-            if key.endswith("_per_image"):
+            if key.endswith("_ci"):  # a bootstrap interval [low, high] (null: undefined)
+                _assert_same_interval(score, key, value, other, values, two["scores"][score], score in exact_scores)
+            elif key.endswith("_per_image"):
                 # A mean over images, summed across processes in another order.
                 assert other == pytest.approx(value, rel=1e-12, abs=1e-15), (score, key)
             elif value is None or other is None:  # NaN is written as null
@@ -355,3 +357,29 @@ class RecordOperatingPoints(L.Callback):
             "test_steps_before_thresholds": int(trainer.test_loop.batch_progress.total.completed),
         }
         Path(self.path).write_text(json.dumps(self.record))
+
+
+def _assert_same_interval(
+    score: str, key: str, value: Any, other: Any, one: dict[str, Any], two: dict[str, Any], exact: bool
+) -> None:
+    """A bootstrap interval on 2 processes against 1: the same resamples of the same per-image summaries.
+
+    Per-image means are resampled from exact per-image values: equal (to float rounding where the
+    scores themselves may differ in the last bit). Pooled intervals are moved onto the pooled value,
+    which agrees within the error bounds.
+    """
+    assert (value is None) == (other is None), (score, key)
+    if value is None:
+        return
+    metric = key[: -len("_ci")]
+    for a, b in zip(value, other, strict=True):
+        assert (a is None) == (b is None), (score, key, value, other)
+        if a is None:
+            continue
+        if metric in POOLED_BOUNDS:
+            bound = one[POOLED_BOUNDS[metric]] + two[POOLED_BOUNDS[metric]] + (0.0 if exact else 1e-6)
+            assert abs(a - b) <= bound + 1e-12, (score, key, value, other, bound)
+        elif exact:
+            assert a == pytest.approx(b, rel=1e-12, abs=1e-15), (score, key, value, other)
+        else:
+            assert a == pytest.approx(b, rel=1e-6, abs=1e-9), (score, key, value, other)

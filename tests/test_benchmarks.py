@@ -237,3 +237,14 @@ def test_gpu_check_lists_the_wheels_an_offline_node_needs() -> None:
     assert {"segmentation-models-pytorch", "albumentations", "jsonargparse", "scipy", "matplotlib"} <= names
     assert not names & {"torch", "lightning", "torchvision", "pytorch-lightning", "torchmetrics", "numpy"}
     assert all("==" in line for line in wheels)
+
+
+def test_bootstrap_cost_runs_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    module = load("bootstrap_cost")
+    argv = ["--num-test=6", "--num-train=2", "--samples=50", "--repeats=1", "--num-workers=0", "--threads=1"]
+    returned = module.main([*argv, f"--data-root={tmp_path / 'data'}"])
+    output = capsys.readouterr().out
+    rows = table_rows(output, {"sml"})
+    assert len(rows) == 1 and rows[0][1:4] == ["5", "6", "50"]
+    assert all(positive_finite(cell) for cell in (rows[0][4], rows[0][5], rows[0][7]))
+    assert returned["bootstrap_s"] > 0 and returned["with_s"] > 0 and "aupr_ci (" in output

@@ -28,12 +28,13 @@ from tensorboard.util import tensor_util
 from test_metrics_reference import reference_fpr_at_recall
 from torch.utils.data import DataLoader, Dataset
 
-from callbacks.evaluation import AnomalyEvaluation, resize_to
+from callbacks.evaluation import AnomalyEvaluation, load_image_summaries, resize_to
 from callbacks.metrics import AnomalyMetrics, NegativeScoreHistogram
 from callbacks.metrics import functional as functional
 from callbacks.metrics.functional import false_positive_breakdown
 from callbacks.metrics.functional import layout_tensors as device_layout
 from callbacks.metrics.functional import rebin_tensors as device_rebin
+from callbacks.metrics.functional.bootstrap import image_id, paired_comparison
 from callbacks.visualization import (
     AnomalyHeatmapLogger,
     apply_colormap,
@@ -275,6 +276,41 @@ def test_metrics_json_content(test_run):
     assert doc["anomaly_fraction"] == pytest.approx((ref["mask"] == ANOMALY).sum() / (ref["mask"] != IGNORE).sum())
     assert doc["num_valid_pixels"] == int((ref["mask"] != IGNORE).sum())
     assert not any(p.name.endswith(".tmp") for p in Path(test_run["evaluation"].metrics_path).parent.iterdir())
+
+
+def test_bootstrap_intervals_in_metrics_json_tensorboard_and_the_summaries_file(test_run):
+    doc, evaluation = test_run["metrics"], test_run["evaluation"]
+    assert doc["bootstrap"]["samples"] == 1000 and doc["bootstrap"]["seed"] == 0
+    assert doc["bootstrap"]["num_images"] == N_IMAGES and doc["bootstrap"]["level"] == 0.95
+    for key in ("aupr", "auroc", "fpr95", "aupr_per_image", "auroc_per_image", "fpr95_per_image", "miou"):
+        low, high = doc[f"{key}_ci"]
+        assert low <= doc[key] <= high, key
+    for name in ("red", "msp"):
+        intervals = [key for key in doc["scores"][name] if key.endswith("_ci")]
+        assert len(intervals) == 7, intervals
+    # TensorBoard: every interval as two scalars, for each score and (without the score) the primary
+    acc = events(test_run["trainer"].logger.log_dir)
+    scalars = set(acc.Tags()["scalars"])
+    assert {"test/aupr_ci_low", "test/aupr_ci_high", "test/miou_ci_low", "test/msp/auroc_per_image_ci_high"} <= scalars
+    assert acc.Scalars("test/red/fpr95_ci_high")[-1].value == pytest.approx(doc["fpr95_ci"][1], rel=1e-6)
+    # The per-image summaries beside metrics.json give back the same intervals (what compare pairs with).
+    data = load_image_summaries(evaluation.image_summaries_path)
+    assert evaluation.image_summaries_path.parent == Path(evaluation.metrics_path).parent
+    ids = sorted(image_id(f"img{i:03d}") for i in range(N_IMAGES))
+    assert data["scores"]["red"]["image_id"].tolist() == ids and data["segmentation"]["image_id"].tolist() == ids
+    summaries, values = {}, {}
+    for name in ("red", "msp"):
+        summaries[name] = {
+            **data["scores"][name],
+            "confusion_image_id": data["segmentation"]["image_id"],
+            "confusion": data["segmentation"]["confusion"],
+        }
+        values[name] = {key: doc["scores"][name][key] for key in ("aupr", "auroc", "fpr95")} | {"miou": doc["miou"]}
+    again = paired_comparison(summaries, values, samples=1000, seed=0, keys=("aupr", "auroc", "fpr95", "miou"))
+    for name in ("red", "msp"):
+        for key in ("aupr", "auroc", "fpr95"):
+            assert again["intervals"][name][key] == pytest.approx(tuple(doc["scores"][name][f"{key}_ci"]), abs=1e-12)
+    assert again["intervals"]["red"]["miou"] == pytest.approx(tuple(doc["miou_ci"]), abs=1e-12)
 
 
 def test_false_positive_breakdown_matches_numpy(test_run):
@@ -565,11 +601,22 @@ def test_ddp_results_equal_single_process(tmp_path):
     assert two["num_images"] == one["num_images"] == N_IMAGES
     for key in ("aupr", "auroc", "fpr95", "aupr_per_image", "auroc_per_image", "fpr95_per_image", "miou"):
         assert two[key] == pytest.approx(one[key], abs=1e-12), key
+    # The bootstrap intervals of the primary score and of mIoU: the same resamples of the same images.
+    primary = one["primary_score"]
+    intervals = [key for key in one["scores"][primary] if key.endswith("_ci")]
+    assert len(intervals) == 7 and one["segmentation"]["miou_ci"] == two["segmentation"]["miou_ci"]
+    for key in intervals:
+        assert two["scores"][primary][key] == one["scores"][primary][key], key
     # msp comes from a softmax over differently composed batches: float32 scores may differ in the last bit,
     # and so may the pixels that share a histogram bin, hence the error bounds (tiny either way).
     bounds = ("aupr_error_bound", "auroc_error_bound", "fpr95_error_bound")
-    values_two, values_one = ({k: v for k, v in doc["scores"]["msp"].items() if k not in bounds} for doc in (two, one))
+    values_two, values_one = (
+        {k: v for k, v in doc["scores"]["msp"].items() if k not in bounds and not k.endswith("_ci")}
+        for doc in (two, one)
+    )
     assert values_two == pytest.approx(values_one, rel=1e-6)
+    for key in intervals:
+        assert two["scores"]["msp"][key] == pytest.approx(one["scores"]["msp"][key], rel=1e-6), key
     for key in bounds:
         assert two["scores"]["msp"][key] == pytest.approx(one["scores"]["msp"][key], abs=1e-6)
     assert two["false_positives_at_threshold95"] == one["false_positives_at_threshold95"]

@@ -73,6 +73,7 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
         base_config=str(REPO / "configs/demo.yaml"),
         method_config_dir=str(REPO / "configs/method/demo"),
         protocols=["densehybrid", "mask2anomaly"],
+        bootstrap_samples=200,
     )
     for name in ("comparison.json", "comparison.md", "comparison.png"):
         assert (out / name).is_file(), name
@@ -107,6 +108,24 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
     assert "Protocol preset `densehybrid`" in text and "Protocol preset `mask2anomaly`" in text
     assert Image.open(out / "comparison.png").size[0] > 500
     assert len(records) == len(document["records"])
+    # Intervals over the 6 test images, the same resamples for every row, and every pair's difference
+    assert document["bootstrap"]["samples"] == 200 and document["bootstrap"]["num_images"] == 6
+    keys = ("aupr", "auroc", "fpr95", "aupr_per_image", "auroc_per_image", "fpr95_per_image", "miou")
+    for record in document["records"]:
+        for key in keys:
+            assert len(record[f"{key}_ci"]) == 2, (record["method"], key)
+    rows = len(document["records"])
+    assert len(document["pairs"]) == rows * (rows - 1) // 2
+    for pair in document["pairs"]:
+        assert set(pair["metrics"]) == set(keys)
+        for result in pair["metrics"].values():
+            assert set(result) == {"difference", "ci", "excludes_zero"}
+    same_network = next(p for p in document["pairs"] if p["a"] == "sml" and p["b"] == "msp@sml")
+    assert same_network["metrics"]["miou"] == {"difference": 0.0, "ci": [0.0, 0.0], "excludes_zero": False}
+    assert set(document["best"]) == set(keys) and document["best"]["fpr95"]["higher_is_better"] is False
+    sml = next(r for r in document["records"] if r["method"] == "sml")
+    assert f"| sml | {sml['aupr']:.3f} [{sml['aupr_ci'][0]:.3f}, {sml['aupr_ci'][1]:.3f}]" in text.replace("**", "")
+    assert "not distinguishable from that best row" in text
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,9 @@
 """AnomalyMetrics and SegmentationMetrics under DDP: 2 gloo processes against one process on all data.
 
+Both metrics bootstrap their intervals over the images (named by id): the per-image means and mIoU
+get the same intervals on 2 processes as on 1, bit for bit; the pooled ones too whenever the pooled
+values are equal, and within the pooled error bounds otherwise.
+
 Two data sets: one whose coarse bins all fit at full float32 resolution (then the merged
 histogram equals the single-process one bin for bin, and every result is identical), and one that
 needs a small budget re-allocated (then the layouts may differ, and both results hold the exact
@@ -23,6 +27,7 @@ from test_metrics_reference import score_ordered_counts, sklearn_metrics
 from callbacks.metrics import AnomalyMetrics, SegmentationMetrics
 
 WORLD, ANOMALY, IGNORE, NUM_CLASSES = 2, 13, 255, 13
+IMAGES_PER_RANK, BOOTSTRAP = 3, {"bootstrap_samples": 200, "bootstrap_seed": 5}
 # "narrow": ~26 coarse bins, all at full resolution in the default budget. "wide": the ranks'
 # scores span 1e-3 and 1e4, and 2**16 sub-bins force both processes to merge bins.
 SETTINGS = {"narrow": ((1.0, 1.1), None), "wide": ((1e-3, 1e4), 16)}
@@ -33,7 +38,7 @@ def make_shards(kind: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tenso
     rng = np.random.default_rng(0)
     shards = []
     for rank in range(WORLD):
-        positive = rng.random((3, 48, 64)) < 0.08
+        positive = rng.random((IMAGES_PER_RANK, 48, 64)) < 0.08
         positive[rank] = False  # one image without anomalies per rank
         if kind == "narrow":
             low = 1.0 + 0.1 * rank
@@ -47,14 +52,15 @@ def make_shards(kind: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return shards
 
 
-def accumulate(kind: str, shards) -> tuple[AnomalyMetrics, SegmentationMetrics]:
+def accumulate(kind: str, shards, first_rank: int = 0) -> tuple[AnomalyMetrics, SegmentationMetrics]:
     num_bits = SETTINGS[kind][1]
-    anomaly = AnomalyMetrics(**({"num_bits": num_bits} if num_bits else {}))
-    segmentation = SegmentationMetrics(NUM_CLASSES)
-    for scores, mask, preds in shards:
+    anomaly = AnomalyMetrics(**({"num_bits": num_bits} if num_bits else {}), **BOOTSTRAP)
+    segmentation = SegmentationMetrics(NUM_CLASSES, **BOOTSTRAP)
+    for rank, (scores, mask, preds) in enumerate(shards, start=first_rank):
         for part in range(0, scores.shape[0], 2):  # several updates per rank
-            anomaly.update(scores[part : part + 2], mask[part : part + 2])
-            segmentation.update(preds[part : part + 2], mask[part : part + 2])
+            ids = [100 + rank * IMAGES_PER_RANK + i for i in range(part, min(part + 2, scores.shape[0]))]
+            anomaly.update(scores[part : part + 2], mask[part : part + 2], image_ids=ids)
+            segmentation.update(preds[part : part + 2], mask[part : part + 2], image_ids=ids)
     return anomaly, segmentation
 
 
@@ -70,10 +76,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         saved = {}
         for kind in SETTINGS:
-            anomaly, segmentation = accumulate(kind, [make_shards(kind)[rank]])
-            local = {name: getattr(anomaly, name).clone() for name in anomaly._defaults}
+            anomaly, segmentation = accumulate(kind, [make_shards(kind)[rank]], first_rank=rank)
+            local = {name: _copy(getattr(anomaly, name)) for name in anomaly._defaults}
             result = anomaly.compute()  # torchmetrics syncs, computes, restores the local state
-            restored = all(torch.equal(getattr(anomaly, name), value) for name, value in local.items())
+            restored = all(_equal(getattr(anomaly, name), value) for name, value in local.items())
             curves = anomaly.curves(max_points=50)  # a collective as well
             anomaly.sync()
             synced = {"counts": score_ordered_counts(anomaly).clone(), "coarse_count": anomaly.coarse_count.clone()}
@@ -90,13 +96,27 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _copy(state):
+    return [t.clone() for t in state] if isinstance(state, list) else state.clone()
+
+
+def _equal(state, other) -> bool:
+    if isinstance(state, list):  # the per-image states: one tensor per update (NaN: images without anomalies)
+        return isinstance(other, list) and len(state) == len(other) and all(map(_equal, state, other))
+    if state.is_floating_point():
+        return state.shape == other.shape and bool(((state == other) | (state.isnan() & other.isnan())).all())
+    return torch.equal(state, other)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _same(a: float, b: float) -> bool:
+def _same(a, b) -> bool:
+    if isinstance(a, tuple):  # a bootstrap interval
+        return all(_same(x, y) for x, y in zip(a, b, strict=True))
     return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
 
 
@@ -129,6 +149,8 @@ def test_two_processes_equal_one_process(tmp_path: Path) -> None:
                 assert torch.equal(got["synced"]["counts"], score_ordered_counts(single_anomaly))
                 for key, value in expected.items():
                     assert _same(got["result"][key], value), (kind, key, got["result"][key], value)
+                for key in ("aupr_ci", "auroc_ci", "fpr95_ci", "aupr_per_image_ci", "fpr95_per_image_ci"):
+                    assert got["result"][key] == expected[key], key  # bit for bit
                 for key, value in expected_curves.items():
                     np.testing.assert_array_equal(got["curves"][key], value)
                 assert got["result"]["aupr_error_bound"] == 0.0
@@ -138,7 +160,14 @@ def test_two_processes_equal_one_process(tmp_path: Path) -> None:
                     assert gap <= got["result"][f"{key}_error_bound"] + expected[f"{key}_error_bound"] + 1e-12
                 for key in ("aupr_per_image", "auroc_per_image", "fpr95_per_image", "num_valid_pixels"):
                     assert _same(got["result"][key], expected[key]), (kind, key)
+                    if key.endswith("_per_image"):  # resampled from the same per-image values
+                        assert got["result"][key + "_ci"] == expected[key + "_ci"], (kind, key)
+                for key in ("aupr", "auroc", "fpr95"):  # moved onto pooled values that agree within bounds
+                    bound = got["result"][f"{key}_error_bound"] + expected[f"{key}_error_bound"] + 1e-12
+                    for a, b in zip(got["result"][f"{key}_ci"], expected[f"{key}_ci"], strict=True):
+                        assert abs(a - b) <= bound, (kind, key)
             assert got["segmentation"]["confusion_matrix"] == expected_segmentation["confusion_matrix"]
+            assert got["segmentation"]["miou_ci"] == expected_segmentation["miou_ci"]
             assert _same(got["segmentation"]["miou"], expected_segmentation["miou"])
         # Every rank ends with the same numbers and curves.
         assert ranks[0][kind]["result"] == ranks[1][kind]["result"] or all(

@@ -27,9 +27,23 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
+from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from callbacks.metrics.functional import _backend
+from callbacks.metrics.functional.bootstrap import (
+    NEG_SKETCH_SIZE,
+    POS_SKETCH_SIZE,
+    as_image_ids,
+    bootstrap_replicates,
+    canonical_order,
+    check_bootstrap_samples,
+    check_bootstrap_seed,
+    image_sketches,
+    image_sketches_sorted,
+    percentile_interval,
+    resample_weights,
+)
 from callbacks.metrics.functional.counting import accumulate_counts
 from callbacks.metrics.functional.curves import binary_metrics_from_counts, binned_error_bounds, select_curve_points
 from callbacks.metrics.functional.histogram import (
@@ -61,11 +75,17 @@ from callbacks.metrics.functional.per_image import (
 )
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX
 
-__all__ = ["AnomalyMetrics", "check_num_bits"]
+__all__ = ["CI_KEYS", "PER_IMAGE_FIELDS", "AnomalyMetrics", "check_num_bits"]
 
 #: Bounds above this get a warning from ``compute()``: the promised accuracy is 1e-4.
 BOUND_WARNING = 1e-4
 _NUM_BITS_RANGE = (16, 28)
+#: The per-image values kept for the bootstrap, in the column order of ``image_values``.
+PER_IMAGE_FIELDS = ("aupr_per_image", "auroc_per_image", "fpr95_per_image", "fpr95_first_per_image")
+#: The headline keys that get a bootstrap interval ``<key>_ci``.
+CI_KEYS = ("aupr", "auroc", "fpr95", *PER_IMAGE_FIELDS)
+#: The per-image states of the bootstrap (lists of per-batch tensors, concatenated across processes).
+_IMAGE_STATES = ("image_ids", "image_values", "image_neg_sketch", "image_pos_sketch")
 
 
 def _as_images(scores: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -121,6 +141,7 @@ class _Prepared:
     flags: Tensor  # int64 [2]: NaN scores at valid pixels, coarse bins outside their sub-bins
     num_nan: int = 0
     host: _HostLayout | None = None  # set when the layout must grow
+    ids: Tensor | None = None  # the images' ids, when the bootstrap keeps per-image summaries
 
 
 def _read_back(prepared: Sequence[tuple[AnomalyMetrics, _Prepared]]) -> None:
@@ -250,10 +271,29 @@ class AnomalyMetrics(Metric):
     rare re-binning of a layout change uses ``index_add_``); all counts are integers, so results
     are bitwise identical in both modes.
 
+    **Bootstrap intervals** (``bootstrap_samples=B > 0``): ``compute()`` also returns, for each key
+    of :data:`CI_KEYS` (the pooled AUPR, AUROC, FPR95 and the per-image means), ``<key>_ci`` =
+    ``(low, high)``, the 95% percentile interval from ``B`` resamples of the test images with
+    replacement, seeded by ``bootstrap_seed``
+    (:mod:`~callbacks.metrics.functional.bootstrap`). Each image keeps a summary whose size does
+    not depend on its resolution (its four per-image values and quantile sketches of its
+    negative and positive scores, 512 and 256 points: 9 KiB per image), so nothing is inferred
+    again; the pooled resamples are computed from the sketches on at most 1024 common score
+    columns, and their interval is moved by the difference between the exact pooled value and the
+    one on the columns. ``update(..., image_ids=...)`` names the images (e.g.
+    :func:`~callbacks.metrics.functional.bootstrap.image_id` of the file name): the summaries are
+    put in the order of the ids (images without ids, or sharing one, in the order of their
+    content) before resampling, so the intervals do not depend on the number of processes or the
+    order of the batches. Fewer than two images (or two usable images, for a per-image mean) give
+    NaN with a warning. ``bootstrap_samples=0`` (the default) keeps nothing and costs nothing.
+    After ``compute()``, :meth:`image_summary` returns the summaries it used.
+
     Args:
         anomaly_index: label of anomaly (positive) pixels.
         ignore_index: label of pixels to skip.
         num_bits: ``log2`` of the sub-bin budget (16..28); state size and accuracy as above.
+        bootstrap_samples: resamples of the test images for the intervals (0: none).
+        bootstrap_seed: seed of the resamples (a non-negative integer).
         kwargs: passed to ``torchmetrics.Metric``.
     """
 
@@ -283,9 +323,14 @@ class AnomalyMetrics(Metric):
         anomaly_index: int = ANOMALY_INDEX,
         ignore_index: int = IGNORE_INDEX,
         num_bits: int = 22,
+        bootstrap_samples: int = 0,
+        bootstrap_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.bootstrap_samples = check_bootstrap_samples(bootstrap_samples)
+        self.bootstrap_seed = check_bootstrap_seed(bootstrap_seed)
+        self._image_summary: dict[str, Any] | None = None
         if anomaly_index == ignore_index:
             raise ValueError(f"anomaly_index and ignore_index must differ, both are {anomaly_index}")
         self.anomaly_index = int(anomaly_index)
@@ -320,6 +365,10 @@ class AnomalyMetrics(Metric):
         for name in ("image_aupr_sum", "image_auroc_sum", "image_fpr95_sum", "image_fpr95_first_sum"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("image_count", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        if self.bootstrap_samples:
+            # Per image: its id, its four per-image values, and sketches of its scores (per batch).
+            for name in _IMAGE_STATES:
+                self.add_state(name, [], dist_reduce_fx="cat")
 
     # ------------------------------------------------------------------ layout
     _LAYOUT_STATES = ("coarse_shift", "coarse_offset", "coarse_size", "coarse_base")
@@ -410,45 +459,47 @@ class AnomalyMetrics(Metric):
 
     # ------------------------------------------------------------------ torchmetrics hooks
     def update(  # type: ignore[override]
-        self, scores: Tensor, mask: Tensor, _prepared: _Prepared | None = None
+        self, scores: Tensor, mask: Tensor, image_ids: Any = None, _prepared: _Prepared | None = None
     ) -> None:
         """Accumulate a batch: ``scores`` float ``[B, H, W]``, ``mask`` integer ``[B, H, W]``.
 
+        ``image_ids``: one integer per image (only used by the bootstrap, see the class docstring).
         ``_prepared`` is :meth:`update_many`'s (the batch already examined, its host values read).
         """
         if _prepared is not None:
             self._finish_torch(_prepared)
             return
-        prepared = self._prepare(scores, mask)
+        prepared = self._prepare(scores, mask, image_ids)
         if prepared is not None:
             _read_back([(self, prepared)])
             self._finish_torch(prepared)
 
     @staticmethod
-    def update_many(updates: Sequence[tuple[AnomalyMetrics, Tensor, Tensor]]) -> None:
-        """``metric.update(scores, mask)`` for each triple, with one wait for the device in all.
+    def update_many(updates: Sequence[tuple[Any, ...]]) -> None:
+        """``metric.update(scores, mask[, image_ids])`` for each tuple, with one wait for the device in all.
 
         On the device (the torch path) every update must read two numbers on the host (NaN scores
         seen, keys outside the current sub-bins): here they are read for all metrics at once, and
         the layouts that must grow are copied to the host together too (a second wait, only then).
         """
         prepared = []
-        for metric, scores, mask in updates:
-            ready = metric._prepare(scores, mask)
+        for metric, scores, mask, *image_ids in updates:
+            ready = metric._prepare(scores, mask, image_ids[0] if image_ids else None)
             if ready is not None:
                 prepared.append((metric, ready, scores, mask))
         _read_back([(metric, ready) for metric, ready, _, _ in prepared])
         for metric, ready, scores, mask in prepared:
             metric.update(scores, mask, _prepared=ready)
 
-    def _prepare(self, scores: Tensor, mask: Tensor) -> _Prepared | None:
+    def _prepare(self, scores: Tensor, mask: Tensor, image_ids: Any = None) -> _Prepared | None:
         """The device-side part of a torch-path update; NumPy-path updates (and empty batches) are done here."""
         scores, mask = _as_images(scores, mask)
         if scores.numel() == 0:
             return None
+        ids = as_image_ids(image_ids, scores.shape[0], self.counts.device) if self.bootstrap_samples else None
         keys = float_to_key(scores)
         if _backend.numpy_on_cpu(keys) and self.counts.device.type == "cpu":
-            self._update_numpy(scores, keys, mask)
+            self._update_numpy(scores, keys, mask, ids)
             return None
         mask = mask.to(keys.device)
         positive = mask == self.anomaly_index
@@ -464,7 +515,7 @@ class AnomalyMetrics(Metric):
         # NaN keys lie outside [-KEY_POS_INF, KEY_POS_INF]; the layout must cover every key of the
         # batch before counting.
         flags = torch.stack([((keys.abs() > KEY_POS_INF) & valid).sum(), outside.sum()])
-        return _Prepared(scores, keys, positive, valid, merged, flags)
+        return _Prepared(scores, keys, positive, valid, merged, flags, ids=ids)
 
     def _raise_nan(self, scores: Tensor, valid: Tensor) -> None:
         num_nan = int((torch.isnan(scores) & valid.to(scores.device)).sum())
@@ -482,7 +533,16 @@ class AnomalyMetrics(Metric):
         self.image_fpr95_first_sum += torch.where(usable, per_image.fpr95_first.to(usable.device), 0.0).sum()
         self.image_count += usable.sum()
 
-    def _update_numpy(self, scores: Tensor, keys: Tensor, mask: Tensor) -> None:
+    def _add_images(self, ids: Tensor, per_image: Any, sketches: Any) -> None:
+        """Keep the bootstrap summaries of a batch's images."""
+        device = self.counts.device
+        values = torch.stack([per_image.aupr, per_image.auroc, per_image.fpr95, per_image.fpr95_first], dim=1)
+        self.image_ids.append(ids)
+        self.image_values.append(values.to(device))
+        for name, sketch in zip(("image_neg_sketch", "image_pos_sketch"), sketches, strict=True):
+            getattr(self, name).append(torch.stack(tuple(sketch), dim=1).to(device))
+
+    def _update_numpy(self, scores: Tensor, keys: Tensor, mask: Tensor, ids: Tensor | None = None) -> None:
         labels = mask.numpy()
         positive = labels == self.anomaly_index
         valid = labels != self.ignore_index
@@ -508,11 +568,15 @@ class AnomalyMetrics(Metric):
         for row, row_runs in zip(negatives, runs, strict=True):
             count_sorted(counts[0], row, row_runs, start, shift)
         count_sorted(counts[1], positives, positive_runs, start, shift)
-        self._add_per_image(per_image_metrics_sorted(images))
+        per_image = per_image_metrics_sorted(images)
+        self._add_per_image(per_image)
+        if ids is not None:
+            self._add_images(ids, per_image, image_sketches_sorted(images, NEG_SKETCH_SIZE, POS_SKETCH_SIZE))
 
     def _finish_torch(self, prepared: _Prepared) -> None:
         """Count a prepared batch (its host values read by ``_read_back``); no further wait for the device."""
         keys, positive, valid, merged = prepared.keys, prepared.positive, prepared.valid, prepared.merged
+        ids = prepared.ids
         if prepared.num_nan:
             self._raise_nan(prepared.scores, valid)
         if prepared.host is not None:
@@ -525,9 +589,11 @@ class AnomalyMetrics(Metric):
         # Ignored pixels may hold any key (NaN too): index 0, and left out by accumulate_counts.
         index = torch.where(valid, flat_index(keys, self.layout).reshape(-1), 0) + self.num_bins * positive.long()
         accumulate_counts(self.counts.view(-1), index, valid)
-        self._add_per_image(
-            per_image_metrics_from_keys(keys, positive.view_as(keys), valid.view_as(keys), implementation="torch")
-        )
+        positive, valid = positive.view_as(keys), valid.view_as(keys)
+        per_image = per_image_metrics_from_keys(keys, positive, valid, implementation="torch")
+        self._add_per_image(per_image)
+        if ids is not None:
+            self._add_images(ids, per_image, image_sketches(keys, positive, valid, NEG_SKETCH_SIZE, POS_SKETCH_SIZE))
 
     def _reduce_states(self, incoming_state: dict[str, Any]) -> None:
         # forward() and merge_state(): bring both histograms to a common layout, then add up.
@@ -555,7 +621,29 @@ class AnomalyMetrics(Metric):
         ]
         merged = self._adopt_merged(states)
         self.coarse_align = merged["coarse_align"]
+        if self.bootstrap_samples:
+            # One tensor per per-image state, of the right dtype and width even where this process
+            # saw no image, so that every process gathers tensors of one kind.
+            for name in _IMAGE_STATES:
+                setattr(self, name, [self._image_state(name)])
         super()._sync_dist(dist_sync_fn, process_group=process_group)
+
+    _IMAGE_STATE_SHAPES = {
+        "image_ids": ((), torch.int64),
+        "image_values": ((len(PER_IMAGE_FIELDS),), torch.float64),
+        "image_neg_sketch": ((3, NEG_SKETCH_SIZE), torch.int32),
+        "image_pos_sketch": ((3, POS_SKETCH_SIZE), torch.int32),
+    }
+
+    def _image_state(self, name: str) -> Tensor:
+        """A per-image state as one tensor (its batches concatenated; empty with the right shape)."""
+        value = getattr(self, name)
+        if isinstance(value, Tensor):
+            return value
+        if value:
+            return dim_zero_cat(value)
+        shape, dtype = self._IMAGE_STATE_SHAPES[name]
+        return torch.zeros((0, *shape), dtype=dtype, device=self.counts.device)
 
     # ------------------------------------------------------------------ results
     def _occupied_bins(self, merge_negative_runs: bool = False) -> _Bins | None:
@@ -664,7 +752,7 @@ class AnomalyMetrics(Metric):
                 UserWarning,
             )
         nan = float("nan")
-        return {
+        result = {
             "aupr": aupr,
             "auroc": auroc,
             "fpr95": fpr95,
@@ -680,6 +768,71 @@ class AnomalyMetrics(Metric):
             "anomaly_fraction": n_pos / n_valid if n_valid else nan,
             "num_valid_pixels": n_valid,
         }
+        if self.bootstrap_samples:
+            result.update(self._intervals(result))
+        return result
+
+    # ------------------------------------------------------------------ bootstrap
+    def image_summary(self) -> dict[str, Any] | None:
+        """The per-image summaries the last ``compute()`` resampled, in their canonical order (host arrays).
+
+        ``image_id`` ``[N]`` int64, ``values`` ``[N, 4]`` float64 (the columns of
+        :data:`PER_IMAGE_FIELDS`, NaN for images without both classes), ``neg_sketch`` and
+        ``pos_sketch`` (``(keys, below, upto)``, each ``[N, Q]`` int32, see
+        :class:`~callbacks.metrics.functional.bootstrap.ScoreSketch`). ``None`` without the
+        bootstrap or before ``compute()``; under DDP every process holds all images.
+        """
+        return self._image_summary
+
+    def reset(self) -> None:
+        super().reset()
+        self._image_summary = None
+
+    def _collect_summary(self) -> dict[str, Any]:
+        ids = self._image_state("image_ids").cpu().numpy()
+        values = self._image_state("image_values").cpu().numpy()
+        neg = self._image_state("image_neg_sketch").cpu().numpy()
+        pos = self._image_state("image_pos_sketch").cpu().numpy()
+        order = canonical_order(ids, [values, neg, pos])
+        neg, pos = neg[order], pos[order]
+        return {
+            "image_id": ids[order],
+            "values": values[order],
+            "neg_sketch": tuple(neg[:, field] for field in range(3)),
+            "pos_sketch": tuple(pos[:, field] for field in range(3)),
+        }
+
+    def _intervals(self, result: dict[str, float]) -> dict[str, tuple[float, float]]:
+        """``<key>_ci`` for every key of ``CI_KEYS`` (inside ``compute``, on the synchronised state)."""
+        summary = self._image_summary = self._collect_summary()
+        count = summary["image_id"].size
+        name = type(self).__name__
+        undefined = (math.nan, math.nan)
+        if count < 2:
+            rank_zero_warn(
+                f"{name}.compute(): bootstrap intervals need at least 2 test images, got {count}; every *_ci is "
+                "(nan, nan).",
+                UserWarning,
+            )
+            return {f"{key}_ci": undefined for key in CI_KEYS}
+        weights = resample_weights(count, self.bootstrap_samples, self.bootstrap_seed)
+        values = {field: summary["values"][:, j] for j, field in enumerate(PER_IMAGE_FIELDS)}
+        replicates, identity = bootstrap_replicates(weights, (summary["neg_sketch"], summary["pos_sketch"]), values)
+        usable = int(np.isfinite(summary["values"][:, 0]).sum())
+        if 0 < usable < 2:
+            rank_zero_warn(
+                f"{name}.compute(): only {usable} image has both anomaly and normal pixels; the intervals of the "
+                "per-image means need at least 2 and are (nan, nan).",
+                UserWarning,
+            )
+        intervals = {}
+        for key in CI_KEYS:
+            if key in PER_IMAGE_FIELDS:
+                interval = percentile_interval(replicates[key]) if usable >= 2 else undefined
+            else:  # moved by the gap between the exact pooled value and the one on the common columns
+                interval = percentile_interval(replicates[key], shift=result[key] - identity[key])
+            intervals[f"{key}_ci"] = interval
+        return intervals
 
     # ------------------------------------------------------------------ curves
     @contextmanager

@@ -221,5 +221,3 @@ def dilated_smoothing(x: Tensor, kernel_size: int = 7, dilation: int = 6, sigma:
     ``kernel_size`` and ``sigma`` and is identical at the defaults. Half precision is upcast.
     """
     return _smooth(x, kernel_size, dilation, sigma)
-
-

@@ -11,7 +11,10 @@ tested against scikit-learn or a direct NumPy computation without Lightning:
 - :mod:`.per_image`: exact per-image metrics (the StreetHazards reference protocol);
 - :mod:`.segmentation`: confusion matrix and IoU, and ``segmentation_metrics``, the one-shot twin of
   ``SegmentationMetrics``;
-- :mod:`.false_positives`: the per-class split of false positives at a threshold.
+- :mod:`.false_positives`: the per-class split of false positives at a threshold;
+- :mod:`.bootstrap`: intervals over test images from per-image summaries (quantile sketches of
+  each image's scores, per-image values, confusion matrices), seeded resampling, percentile and
+  paired intervals.
 """
 
 from callbacks.metrics.functional.anomaly import anomaly_metrics
