@@ -128,7 +128,9 @@ class SegmentationMetrics(Metric):
         batch = target.shape[0] if target.ndim == 3 else 1
         cells = self.confmat.numel()
         ids = as_image_ids(image_ids, batch, self.confmat.device)
-        image = torch.arange(batch, device=index.device).repeat_interleave(index.numel() // max(batch, 1))
+        per = index.numel() // max(batch, 1)
+        # output_size given: repeat_interleave would otherwise read the repeat count back from the device.
+        image = torch.arange(batch, device=index.device).repeat_interleave(per, output_size=batch * per)
         per_image = torch.zeros(batch * cells, dtype=torch.int64, device=self.confmat.device)
         accumulate_counts(per_image, image * cells + index, include)
         per_image = per_image.view(batch, cells)
