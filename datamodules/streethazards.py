@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -644,21 +645,34 @@ class WithPlaceholder(Dataset):
 
 
 def ignore_termination_signals(worker_id: int) -> None:
-    """``worker_init_fn`` of every loader: workers ignore SIGTERM and SIGUSR1.
+    """``worker_init_fn`` of every loader: workers ignore SIGUSR1, and SIGTERM unless their process sends it.
 
     Schedulers signal every process of a job (SLURM signals the whole job step, loader workers
     included). The training process decides when to stop (``callbacks.guards.PreemptionCheckpoint``
     saves at a batch boundary); a worker ended by the signal would make the next batch fail first.
-    Workers still end with their process (they watch it) and on SIGKILL. Lightning's worker
-    seeding (``seed_everything(workers=True)``) is kept: it is applied here as Lightning would.
+    SIGTERM is still how the training process itself ends its workers (``DataLoader`` shutdown,
+    and ``multiprocessing`` at interpreter exit, which then waits for them): it is blocked and a
+    thread takes it with ``sigwaitinfo``, exiting when the parent sent it and dropping it otherwise
+    (where ``sigwaitinfo`` is missing, SIGTERM keeps torch's default). Workers also end with their
+    process (they watch it) and on SIGKILL. Lightning's worker seeding (``seed_everything(workers=
+    True)``) is kept: it is applied here as Lightning would.
     """
-    for name in ("SIGTERM", "SIGUSR1"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo") and hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_exit_on_sigterm_from_parent, name="sigterm-from-parent", daemon=True).start()
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         from lightning.fabric.utilities.seed import pl_worker_init_function
 
         pl_worker_init_function(worker_id)
+
+
+def _exit_on_sigterm_from_parent() -> None:
+    parent = os.getppid()
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
 
 
 class _SkipFirstBatches:

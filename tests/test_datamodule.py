@@ -490,8 +490,7 @@ def test_evaluation_shards_cover_every_sample_once_and_an_empty_shard_gets_a_pla
 def test_loader_workers_ignore_termination_signals(release_root: Path) -> None:
     """SLURM signals every process of a job step: a loader worker killed by SIGUSR1 or SIGTERM would
     fail the next batch before the training process could stop at a batch boundary."""
-    import os
-    import signal
+    import subprocess
     import time
 
     dm = make_dm(release_root, num_workers=1, eval_batch_size=1)
@@ -500,8 +499,13 @@ def test_loader_workers_ignore_termination_signals(release_root: Path) -> None:
     iterator = iter(loader)
     next(iterator)
     (worker,) = iterator._workers
-    for signum in (signal.SIGUSR1, signal.SIGTERM):
-        os.kill(worker.pid, signum)
+    for name in ("USR1", "TERM"):  # sent by another process, as SLURM's step daemon does
+        subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True)
     time.sleep(0.5)
     assert worker.is_alive()
     assert [batch["name"] for batch in iterator] == [["001"], ["002"]]
+    # SIGTERM from the worker's own process (DataLoader shutdown, multiprocessing at exit, which
+    # then waits for the worker) still ends it.
+    worker.terminate()
+    worker.join(timeout=10)
+    assert not worker.is_alive() and worker.exitcode == 0

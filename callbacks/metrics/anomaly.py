@@ -262,8 +262,10 @@ class AnomalyMetrics(Metric):
     per-image numbers are exact; only their sums and the image count are kept.
 
     ``update`` on CUDA synchronises with the host once per batch (two integers: NaN scores seen,
-    keys outside the current sub-bins), plus a transfer of the per-coarse-bin arrays when the
-    layout must grow. NaN scores raise. On CPU the hot loops run in NumPy: each image's negatives
+    keys outside the current sub-bins), plus one copy of the per-coarse-bin arrays when the
+    layout must grow (moving or compacting the counts then waits for nothing);
+    :meth:`update_many` does this for several metrics with the same two waits in all. NaN scores
+    raise. On CPU the hot loops run in NumPy: each image's negatives
     are sorted once, for the per-image metrics and the histogram alike (see
     ``callbacks.metrics.functional._backend.NUMPY_ON_CPU``). Under
     ``torch.use_deterministic_algorithms(True)`` on CUDA the histogram is filled by sorting the
