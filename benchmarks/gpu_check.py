@@ -90,11 +90,13 @@ class SyncedProfiler(SimpleProfiler):
 
 def _short(filename: str) -> str:
     path = Path(filename)
+    parts = path.parts
+    if "site-packages" in parts:  # an installed package, also when the venv sits in the repository
+        return "/".join(parts[parts.index("site-packages") + 1 :])
     try:
         return str(path.resolve().relative_to(REPO))
     except ValueError:
         pass
-    parts = path.parts
     if "site-packages" in parts:
         return "/".join(parts[parts.index("site-packages") + 1 :])
     return filename

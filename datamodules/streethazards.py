@@ -1019,7 +1019,8 @@ class StreetHazardsDataModule(L.LightningDataModule):
             self.datasets["val"] = self._dataset("val", image_size=self.image_size, cache=self.cache)
         if stage in (None, "test"):
             self.datasets["test"] = self._dataset("test", image_size=self.test_image_size)
-            if self.calibration is not None:
+            # A set without validation images (e.g. a held-out test set) has no calibration split.
+            if self.calibration is not None and self._has_split("val"):
                 from datamodules.injection import build_injector
 
                 seed = self.seed + CALIBRATION_SEED_OFFSET
@@ -1141,6 +1142,12 @@ class StreetHazardsDataModule(L.LightningDataModule):
             dataset = WithPlaceholder(dataset)
             sampler.dataset = dataset
         return self._loader(dataset, batch_size or self.eval_batch_size, shuffle=False, sampler=sampler)
+
+    def _has_split(self, split: str) -> bool:
+        try:
+            return bool(list_split(self.root, split))
+        except StreetHazardsDataError:
+            return False
 
     def calibration_dataloader(self) -> DataLoader | None:
         """The calibration split: validation images with pasted outliers (``data.calibration``), at
