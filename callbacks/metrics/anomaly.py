@@ -31,6 +31,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from callbacks.metrics.functional import _backend
+from callbacks.metrics.functional._memory import fix_mmap_threshold
 from callbacks.metrics.functional.bootstrap import (
     NEG_SKETCH_SIZE,
     POS_SKETCH_SIZE,
@@ -331,6 +332,8 @@ class AnomalyMetrics(Metric):
     ) -> None:
         super().__init__(**kwargs)
         self.bootstrap_samples = check_bootstrap_samples(bootstrap_samples)
+        if self.bootstrap_samples:
+            fix_mmap_threshold()  # per-image summaries between batch-sized transients
         self.bootstrap_seed = check_bootstrap_seed(bootstrap_seed)
         self._image_summary: dict[str, Any] | None = None
         if anomaly_index == ignore_index:

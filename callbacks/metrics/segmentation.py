@@ -20,6 +20,7 @@ from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from callbacks.metrics.functional import accumulate_counts, confusion_matrix_index, iou_from_confusion_matrix
+from callbacks.metrics.functional._memory import fix_mmap_threshold
 from callbacks.metrics.functional.bootstrap import (
     as_image_ids,
     canonical_order,
@@ -80,6 +81,8 @@ class SegmentationMetrics(Metric):
         self.ignore_index = int(ignore_index)
         self.anomaly_index = int(anomaly_index)
         self.bootstrap_samples = check_bootstrap_samples(bootstrap_samples)
+        if self.bootstrap_samples:
+            fix_mmap_threshold()  # per-image summaries between batch-sized transients
         self.bootstrap_seed = check_bootstrap_seed(bootstrap_seed)
         self._image_summary: dict[str, Any] | None = None
         self.add_state("confmat", torch.zeros(self.num_classes**2 + 1, dtype=torch.int64), dist_reduce_fx="sum")
@@ -124,16 +127,16 @@ class SegmentationMetrics(Metric):
         if not self.bootstrap_samples:
             accumulate_counts(self.confmat, index, include)
             return
-        # Per image: cells offset by the image's position; their sum is the batch's matrix.
+        # Per image, each counted on its own: a batch-wide index of image offsets would be a
+        # transient as large as the batch's pixels in int64, which the allocator kept (RSS grew by
+        # ~8 MB per 720x1280 image).
         batch = target.shape[0] if target.ndim == 3 else 1
         cells = self.confmat.numel()
         ids = as_image_ids(image_ids, batch, self.confmat.device)
-        per = index.numel() // max(batch, 1)
-        # output_size given: repeat_interleave would otherwise read the repeat count back from the device.
-        image = torch.arange(batch, device=index.device).repeat_interleave(per, output_size=batch * per)
-        per_image = torch.zeros(batch * cells, dtype=torch.int64, device=self.confmat.device)
-        accumulate_counts(per_image, image * cells + index, include)
-        per_image = per_image.view(batch, cells)
+        per_image = torch.zeros(batch, cells, dtype=torch.int64, device=self.confmat.device)
+        rows = zip(per_image, index.reshape(batch, -1), include.reshape(batch, -1), strict=True)
+        for row, image_index, image_include in rows:
+            accumulate_counts(row, image_index, image_include)
         self.confmat += per_image.sum(0)
         self.image_ids.append(ids)
         self.image_confmat.append(per_image)
