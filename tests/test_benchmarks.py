@@ -17,6 +17,8 @@ import lightning as L
 import pytest
 import torch
 
+from tests.helpers import TEST_ENCODER
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -52,7 +54,7 @@ def one_thread():
 def test_training_throughput_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
     module = load("training_throughput")
     argv = ["--device=cpu", "--height=64", "--width=96", "--batch-size=2", "--steps=2", "--warmup=1"]
-    returned = module.main([*argv, "--encoder=resnet18", "--threads=1", "--methods", "sml", "dual_decoder"])
+    returned = module.main([*argv, f"--encoder={TEST_ENCODER}", "--threads=1", "--methods", "sml", "dual_decoder"])
     output = capsys.readouterr().out
     rows = table_rows(output, {"sml", "dual_decoder"})
     assert [(r[0], r[1]) for r in rows] == [
@@ -71,7 +73,7 @@ def test_training_throughput_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> 
 def test_test_throughput_runs_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     module = load("test_throughput")
     argv = ["--device=cpu", "--height=64", "--width=96", "--num-test=4", "--num-train=2", "--batch-size=2"]
-    argv += ["--num-workers=0", "--warmup-batches=1", "--skip-batches=1", "--encoder=resnet18", "--threads=1"]
+    argv += ["--num-workers=0", "--warmup-batches=1", "--skip-batches=1", f"--encoder={TEST_ENCODER}", "--threads=1"]
     argv += [f"--data-root={tmp_path / 'data'}", "--write-workers=1", f"--output-dir={tmp_path / 'out'}"]
     returned = module.main(argv)
     output = capsys.readouterr().out
@@ -96,6 +98,7 @@ def test_mixed_precision_check_runs_on_cpu(tmp_path: Path, capsys: pytest.Captur
         "--trainer.limit_train_batches=1",
         "--trainer.limit_val_batches=1",
         "--evaluation.num_bits=16",
+        f"--model.init_args.encoder_name={TEST_ENCODER}",
     ]
     argv = ["--device=cpu", f"--data-root={tmp_path / 'data'}", "--image-size", "64", "96"]
     argv += ["--synthetic-counts", "8", "2", "4", "--epochs=1", "--seed-runs=1", "--threads=1"]
