@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import sys
 import time
 from collections.abc import Collection, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -27,6 +29,7 @@ from callbacks.evaluation import AnomalyEvaluation, load_image_summaries
 from callbacks.guards import NonFiniteLossGuard, PreemptionCheckpoint, TrainingPreempted
 from callbacks.metrics.functional.bootstrap import (
     BOOTSTRAP_LEVEL,
+    LOWER_IS_BETTER,
     PAIRED_KEYS,
     check_bootstrap_samples,
     check_bootstrap_seed,
@@ -37,7 +40,7 @@ from callbacks.protocol import resolve_presets
 from callbacks.visualization import AnomalyHeatmapLogger
 from datamodules.io import atomic_open, atomic_write_json, atomic_write_text
 from datamodules.labels import ANOMALY_INDEX, CLASS_NAMES, IMAGE_MEAN, IMAGE_STD, colorize
-from datamodules.streethazards import StreetHazardsDataModule, prepare_batch
+from datamodules.streethazards import InjectionConfig, StreetHazardsDataModule, prepare_batch
 from lightning_modules.base import AnomalySegmentationModule
 from lightning_modules.checkpoints import (
     AtomicCheckpointIO,
@@ -279,8 +282,26 @@ def _root_cause(error: BaseException) -> BaseException:
 # run folder. The roster and how methods share
 # networks come from the method registry; configs/compare.yaml holds the defaults.
 TABLE_KEYS = ("aupr", "auroc", "fpr95", "aupr_per_image", "auroc_per_image", "fpr95_per_image")
+#: The metrics ``compare --seeds`` summarises over seeds and ranks the methods by.
+HEADLINE_KEYS = (*TABLE_KEYS, "miou")
+#: Column titles of the headline metrics in comparison.md.
+COLUMN_TITLES = {
+    "aupr": "AUPR",
+    "auroc": "AUROC",
+    "fpr95": "FPR95",
+    "aupr_per_image": "AUPR/img",
+    "auroc_per_image": "AUROC/img",
+    "fpr95_per_image": "FPR95/img",
+    "miou": "mIoU",
+}
 #: Marks rows whose paired difference from the column's best row has a 95% interval containing 0.
 TIED_MARK = "≈"
+#: What comparison.md says about the budget columns of its table.
+BUDGET_NOTE = (
+    " `train s`: the row's own training, + the training of the network it starts from or scores (inherited, "
+    "recursively), so rows are compared at their whole cost. `outliers in training`: whether that network (or "
+    "one it was initialised from) was trained on pasted outlier objects (`data.injection`)."
+)
 
 
 REPO = Path(__file__).resolve().parent
@@ -351,6 +372,16 @@ def build_compare_parser() -> ArgumentParser:
         default=[],
         help="Protocol presets evaluated besides the default metrics (callbacks.protocol.PRESETS: reference, "
         "densehybrid, mask2anomaly, pooled); one extra table each.",
+    )
+    parser.add_argument(
+        # Not typed int: jsonargparse would reject 1.5 in a multi-line message; compare's own check
+        # gives one line naming the option, as for every other bad value of compare.
+        "--seeds",
+        type=int | float | str,
+        default=1,
+        help="Train every method this many times, seed i with --seed_everything=<base + i> (base: the base "
+        "config's seed_everything), each seed's comparison in <output_dir>/seed_<s>/; over 1, the top-level "
+        "files summarise the seeds (mean, standard deviation, whether the ranking held).",
     )
     return parser
 
@@ -482,6 +513,38 @@ def run_method(
     }
 
 
+def _budget(run: dict[str, Any], feeder: dict[str, Any] | None, trained: bool) -> dict[str, Any]:
+    """What a method's network cost and saw in training, counting the network it scores or starts from.
+
+    ``feeder``: the budget of that network (``None`` when it trains from scratch); since a feeder
+    runs first and carries its own inherited time, the sum is recursive. ``trained``: the run fit
+    its own network (a method that only scores another's inherits that network's training whole).
+    """
+    inherited = float(feeder["total_train_time_s"]) if feeder else 0.0
+    outliers = bool(feeder and feeder["outliers_in_training"])
+    if trained:
+        outliers = outliers or _pastes_outliers(run["datamodule"])
+    return {
+        "inherited_train_time_s": inherited,
+        "total_train_time_s": float(run["train_time_s"]) + inherited,
+        "outliers_in_training": outliers,
+    }
+
+
+def _pastes_outliers(datamodule: Any) -> bool:
+    """Whether a datamodule's training split pastes outlier objects (``data.injection``, probability > 0).
+
+    Read from the configured datamodule rather than from the method, so that any method trained on
+    injected outliers is marked, and a method whose config turns injection off is not.
+    """
+    injection = getattr(datamodule, "injection", None)
+    if injection is None:
+        return False
+    if isinstance(injection, dict):  # a datamodule built by hand; the CLI gives an InjectionConfig
+        injection = InjectionConfig(**injection)
+    return float(injection.probability) > 0
+
+
 def _number(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.{digits}f}"
 
@@ -500,9 +563,12 @@ def format_table(records: list[dict[str, Any]], best: dict[str, dict[str, Any]] 
 
     ``best`` (``paired_comparison``'s): the best value of a column is bold, and rows not
     distinguishable from it (the paired interval of their difference contains 0) get ``TIED_MARK``.
+    The budget columns: training time as own + inherited (the network a row starts from or scores)
+    and whether that network saw pasted outliers; a note under the table says which row reuses what.
     """
-    header = "| method | AUPR | AUROC | FPR95 | AUPR/img | AUROC/img | FPR95/img | mIoU | train s | test s |"
-    lines = [header, "|" + "---|" * 10]
+    titles = [COLUMN_TITLES[key] for key in HEADLINE_KEYS]
+    header = "| method | " + " | ".join(titles) + " | outliers in training | train s (own + inherited) | test s |"
+    lines = [header, "|" + "---|" * (len(titles) + 4)]
     best = best or {}
 
     def cell(record: dict[str, Any], key: str) -> str:
@@ -518,13 +584,34 @@ def format_table(records: list[dict[str, Any]], best: dict[str, dict[str, Any]] 
         return text
 
     for r in records:
-        cells = [cell(r, key) for key in (*TABLE_KEYS, "miou")]
-        lines.append(
-            f"| {r['method']} | "
-            + " | ".join(cells)
-            + f" | {_number(r['train_time_s'], 0)} | {_number(r['test_time_s'], 0)} |"
-        )
-    return "\n".join(lines)
+        cells = [cell(r, key) for key in HEADLINE_KEYS]
+        cells += [_yes_no(r.get("outliers_in_training")), _train_time(r), _number(r["test_time_s"], 0)]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + _reuse_note(records)
+
+
+def _train_time(record: dict[str, Any]) -> str:
+    """``95 + 150``: a row's own training seconds plus those of the network it starts from or scores."""
+    own, inherited = record["train_time_s"], record.get("inherited_train_time_s") or 0.0
+    if isinstance(inherited, (int, float)) and inherited > 0:
+        return f"{_number(own, 0)} + {_number(inherited, 0)}"
+    return _number(own, 0)
+
+
+def _yes_no(flag: Any) -> str:
+    return "n/a" if flag is None else ("yes" if flag else "no")
+
+
+def _reuse_note(records: list[dict[str, Any]]) -> str:
+    """The line under a table naming the rows that score or start from another method's network."""
+    reused = {r["network"]: r["reuses"] for r in records if r.get("reuses")}
+    if not reused:
+        return ""
+    return (
+        "\n\nReused networks (their training time is the inherited part): "
+        + "; ".join(f"{name} {text}" for name, text in reused.items())
+        + "."
+    )
 
 
 def format_protocol_tables(records: list[dict[str, Any]]) -> str:
@@ -743,8 +830,18 @@ def compare(
     protocols: Sequence[str] = (),
     bootstrap_samples: int = 1000,
     bootstrap_seed: int = 0,
+    seeds: int = 1,
 ) -> list[dict[str, Any]]:
     """Run the comparison and write its three files; return the records.
+
+    ``seeds``: how many times every method is trained. Over 1, seed ``s = base + i``
+    (``--seed_everything``; ``base``: the last ``--seed_everything`` of ``overrides``, else the
+    base config's, else 0) runs the whole comparison in ``output_dir/seed_<s>/`` (each method's
+    network from that seed's run, reused and initialising networks alike), and the top-level
+    ``comparison.json`` / ``comparison.md`` summarise the seeds (:func:`seed_summary`); the
+    records of every seed are returned, each with its ``seed``. ``data.seed`` (shuffling,
+    augmentation, pasted outliers, the calibration split) is not changed, so the seeds differ in
+    weight initialisation and dropout, and every seed is tested on the same images.
 
     ``bootstrap_samples`` / ``bootstrap_seed``: every method's test run resamples the test images
     that many times with that seed (``--evaluation.bootstrap_*``), so each value gets a 95%
@@ -762,6 +859,101 @@ def compare(
     ``scores_network_of`` / ``init_from`` default to what the methods registered, restricted to
     the methods run.
     """
+    seeds = check_seeds(seeds)
+    settings = {
+        "methods": methods,
+        "scores_network_of": scores_network_of,
+        "reuse_checkpoints": reuse_checkpoints,
+        "num_examples": num_examples,
+        "init_from": init_from,
+        "base_config": base_config,
+        "method_config_dir": method_config_dir,
+        "protocols": protocols,
+        "bootstrap_samples": bootstrap_samples,
+        "bootstrap_seed": bootstrap_seed,
+    }
+    if seeds == 1:  # exactly the single comparison it always was: no seed folder, no seed override
+        return _compare_once(output_dir, overrides=overrides, **settings)["records"]
+    out = Path(output_dir)
+    base = _seed_base(base_config, overrides)
+    values = [base + i for i in range(seeds)]
+    documents: dict[int, dict[str, Any]] = {}
+    for i, seed in enumerate(values):
+        print(f"compare: seed {seed} ({i + 1} of {seeds}) -> {out / f'seed_{seed}'}")
+        seeded = [*overrides, f"--seed_everything={seed}"]
+        documents[seed] = _compare_once(str(out / f"seed_{seed}"), overrides=seeded, **settings)
+    block = seed_summary({seed: document["records"] for seed, document in documents.items()})
+    block["folders"] = [f"seed_{seed}" for seed in values]
+    first = documents[values[0]]
+    atomic_write_json(
+        out / "comparison.json",
+        {
+            "seeds": block,
+            "methods": first["methods"],
+            "base_config": base_config,
+            "scores_network_of": first["scores_network_of"],
+            "init_from": first["init_from"],
+            "protocol": _common_protocol({str(seed): document["protocol"] for seed, document in documents.items()}),
+        },
+    )
+    table = format_seed_table(block)
+    atomic_write_text(
+        out / "comparison.md",
+        f"# Method comparison over {seeds} training seeds\n\n"
+        f"Every method trained {seeds} times, with `--seed_everything` {', '.join(map(str, values))} "
+        "(weight initialisation and dropout; the data order, augmentation and pasted outliers follow "
+        "`data.seed`, unchanged), each seed's whole comparison (reused and initialising networks from "
+        "the same seed) in `seed_<s>/comparison.md`, on the same test images. `mean ± std`: over the "
+        "seeds, sample standard deviation (ddof=1); the per-seed values are in `comparison.json`, key "
+        "`seeds`. Train time: the mean seconds per seed, own + inherited (the network a row starts "
+        "from or scores).\n\n" + table + "\n",
+    )
+    print(table)
+    print(f"compare: wrote {out / 'comparison.json'}, {out / 'comparison.md'} and one folder per seed")
+    return [{**record, "seed": seed} for seed, document in documents.items() for record in document["records"]]
+
+
+def check_seeds(value: Any) -> int:
+    """``value`` as an int if it is a valid number of training seeds (at least 1), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(
+            f"compare: --seeds (how many times every method is trained, each with its own seed) must be an "
+            f"integer >= 1, got {value!r}"
+        )
+    return int(value)
+
+
+def _seed_base(base_config: str | None, overrides: Sequence[str]) -> int:
+    """The seed ``compare --seeds`` counts up from: the last ``--seed_everything`` of the overrides
+    (they are given after the configs, so they win), else the base config's, else 0 (a random or
+    absent seed gives nothing to count from)."""
+    value: Any = None
+    if base_config is not None and Path(base_config).is_file():
+        loaded = yaml.safe_load(Path(base_config).read_text())
+        value = loaded.get("seed_everything") if isinstance(loaded, dict) else None
+    for i, arg in enumerate(overrides):
+        if arg.startswith("--seed_everything="):
+            value = yaml.safe_load(arg.partition("=")[2])
+        elif arg == "--seed_everything" and i + 1 < len(overrides):
+            value = yaml.safe_load(overrides[i + 1])
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _compare_once(
+    output_dir: str,
+    methods: Sequence[str] | dict[str, str] | str | None,
+    scores_network_of: dict[str, str] | None,
+    overrides: Sequence[str],
+    reuse_checkpoints: bool,
+    num_examples: int,
+    init_from: dict[str, str] | None,
+    base_config: str | None,
+    method_config_dir: str,
+    protocols: Sequence[str],
+    bootstrap_samples: int,
+    bootstrap_seed: int,
+) -> dict[str, Any]:
+    """One comparison (one training seed) into ``output_dir``; the content of its comparison.json."""
     try:
         bootstrap_samples = check_bootstrap_samples(bootstrap_samples)
         bootstrap_seed = check_bootstrap_seed(bootstrap_seed)
@@ -815,17 +1007,19 @@ def compare(
     curves: dict[str, dict[str, Any]] = {}
     examples: dict[str, list[dict]] = {}
     runs: dict[str, dict[str, Any]] = {}
+    budgets: dict[str, dict[str, Any]] = {}
     for name in order:
         source = scores_network_of.get(name)
         start_from = init_from.get(name)
         init_checkpoint = runs[source or start_from]["checkpoint"] if (source or start_from) else None
-        note = f", scoring the network of {source}" if source else ""
-        note += f", starting from the network of {start_from}" if start_from else ""
-        print(f"compare: {name} ({configs[name]}){note}")
+        reuses = f"scores the network of {source}" if source else ""
+        reuses = f"starts from the network of {start_from}" if start_from else reuses
+        print(f"compare: {name} ({configs[name]})" + (f", {reuses}" if reuses else ""))
         run = run_method(
             name, [*base, configs[name]], out, overrides, reuse_checkpoints, init_checkpoint, train=source is None
         )
         runs[name] = run
+        budgets[name] = _budget(run, budgets.get(source or start_from), trained=source is None)
         extra = {
             "train_time_s": run["train_time_s"],
             "test_time_s": run["test_time_s"],
@@ -833,6 +1027,8 @@ def compare(
             "metrics_file": run["metrics_file"],
             "config": configs[name],
             "initialized_from": start_from,
+            **budgets[name],
+            "reuses": reuses,
         }
         # Baselines of a network (MSP, ...) are listed once, with the method that trained it;
         # scores only this method computes (e.g. FRE's unsmoothed fre_raw) are listed with it.
@@ -849,20 +1045,18 @@ def compare(
     records = primary + [r for r in records if r["method"] != r["network"]]
     bootstrap, comparison = _paired_differences(records, runs, bootstrap_samples, bootstrap_seed)
     best = comparison["best"] if comparison else None
-    atomic_write_json(
-        out / "comparison.json",
-        {
-            "records": records,
-            "methods": configs,
-            "base_config": base_config,
-            "scores_network_of": scores_network_of,
-            "init_from": init_from,
-            "protocol": _common_protocol({name: runs[name]["results"].get("protocol") for name in names}),
-            "bootstrap": bootstrap,
-            "best": best,
-            "pairs": comparison["pairs"] if comparison else None,
-        },
-    )
+    document = {
+        "records": records,
+        "methods": configs,
+        "base_config": base_config,
+        "scores_network_of": scores_network_of,
+        "init_from": init_from,
+        "protocol": _common_protocol({name: runs[name]["results"].get("protocol") for name in names}),
+        "bootstrap": bootstrap,
+        "best": best,
+        "pairs": comparison["pairs"] if comparison else None,
+    }
+    atomic_write_json(out / "comparison.json", document)
     galleries = {
         name: sorted(str(p) for p in (out / name / "run" / "images" / "test" / "gallery").glob("*.png"))
         for name in names
@@ -877,12 +1071,17 @@ def compare(
         "`/img`: mean over test images with anomalies (StreetHazards reference protocol). "
         "FPR95: the first ROC point reaching 95% TPR (pooled), the threshold whose recall is closest "
         "to 0.95 (`/img`, the reference code's rule). `score@network`: another score of that network. "
-        "Protocol card: `comparison.json`, key `protocol`." + _intervals_note(bootstrap) + "\n\n" + table + "\n",
+        "Protocol card: `comparison.json`, key `protocol`."
+        + _intervals_note(bootstrap)
+        + BUDGET_NOTE
+        + "\n\n"
+        + table
+        + "\n",
     )
     plot_comparison(records, curves, examples, out / "comparison.png", best)
     print(table)
     print(f"compare: wrote {out / 'comparison.json'}, {out / 'comparison.md'}, {out / 'comparison.png'}")
-    return records
+    return document
 
 
 def _paired_differences(
@@ -932,6 +1131,125 @@ def _paired_differences(
     return block, comparison
 
 
+def seed_summary(records_by_seed: dict[int, Sequence[dict[str, Any]]]) -> dict[str, Any]:
+    """The ``seeds`` block of comparison.json: each row's headline metrics over the training seeds,
+    and whether the ranking of the methods held in every seed.
+
+    ``records_by_seed``: seed -> that seed's records (rows keyed by ``method``). Per row and metric
+    of :data:`HEADLINE_KEYS`: ``values`` (one per seed, in seed order; NaN where a seed has none),
+    their ``mean`` and sample standard deviation ``std`` (ddof=1; NaN when a value is missing or
+    there is one seed). The training times get the same summary. Per metric, ``rankings``: the
+    order of the primary rows (``method == network``, the methods' own scores) in every seed, best
+    first (lower is better for the FPR95 keys), as groups of equal values in table order, with the
+    rows that have no value ``unranked``; ``held`` is whether every seed gave the same order.
+    """
+    seeds = sorted(records_by_seed)
+    by_seed = [{r["method"]: r for r in records_by_seed[seed]} for seed in seeds]
+    methods = list(dict.fromkeys(method for rows in by_seed for method in rows))
+    times = ("train_time_s", "inherited_train_time_s", "total_train_time_s")
+    rows: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        first = next(seed_rows[method] for seed_rows in by_seed if method in seed_rows)
+        row: dict[str, Any] = {
+            "network": first["network"],
+            "outliers_in_training": first.get("outliers_in_training"),
+            "reuses": first.get("reuses", ""),
+        }
+        for key in (*HEADLINE_KEYS, *times):
+            values = [_finite_or_nan(seed_rows.get(method, {}).get(key)) for seed_rows in by_seed]
+            row[key] = {**_mean_std(values), "values": values}
+        rows[method] = row
+    primary = [method for method in methods if rows[method]["network"] == method]
+    rankings = {}
+    for key in HEADLINE_KEYS:
+        higher = key not in LOWER_IS_BETTER
+        orders, unranked = [], []
+        for i in range(len(seeds)):
+            groups, missing = _ranking({method: rows[method][key]["values"][i] for method in primary}, higher)
+            orders.append(groups)
+            unranked.append(missing)
+        held = all(order == orders[0] for order in orders) and all(m == unranked[0] for m in unranked)
+        rankings[key] = {"higher_is_better": higher, "held": held, "orders": orders, "unranked": unranked}
+    return {
+        "values": seeds,
+        "varies": "seed_everything (weight initialisation, dropout); data.seed unchanged",
+        "std": "sample standard deviation over the seeds (ddof=1)",
+        "rows": rows,
+        "primary": primary,
+        "rankings": rankings,
+    }
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (ddof=1); NaN where a value is missing or there is one."""
+    finite = len(values) > 0 and all(math.isfinite(v) for v in values)
+    mean = float(np.mean(values)) if finite else math.nan
+    std = float(np.std(values, ddof=1)) if finite and len(values) > 1 else math.nan
+    return {"mean": mean, "std": std}
+
+
+def _ranking(values: dict[str, float], higher_is_better: bool) -> tuple[list[list[str]], list[str]]:
+    """Rows best first as groups of equal values (table order inside a group), and the rows without a value.
+
+    Grouping ties keeps the order well defined: rows that share a network (e.g. two scores of one
+    segmenter) share its mIoU, and no tie-breaking rule should turn that into a ranking.
+    """
+    ranked = sorted(
+        ((method, value) for method, value in values.items() if math.isfinite(value)),
+        key=lambda item: -item[1] if higher_is_better else item[1],
+    )
+    groups: list[list[str]] = []
+    previous = math.nan
+    for method, value in ranked:
+        if groups and value == previous:
+            groups[-1].append(method)
+        else:
+            groups.append([method])
+        previous = value
+    return groups, [method for method, value in values.items() if not math.isfinite(value)]
+
+
+def _order_text(groups: list[list[str]], unranked: list[str]) -> str:
+    """``a > b = c`` (``; n/a: d`` for rows without a value)."""
+    text = " > ".join(" = ".join(group) for group in groups) or "none"
+    return text + (f"; n/a: {', '.join(unranked)}" if unranked else "")
+
+
+def format_seed_table(block: dict[str, Any]) -> str:
+    """comparison.md of ``compare --seeds``: ``mean ± std`` per row and metric, then the rankings."""
+    titles = [COLUMN_TITLES[key] for key in HEADLINE_KEYS]
+    header = "| method | " + " | ".join(titles) + " | outliers in training | train s (own + inherited) |"
+    lines = [header, "|" + "---|" * (len(titles) + 3)]
+    for method, row in block["rows"].items():
+        cells = []
+        for key in HEADLINE_KEYS:
+            mean, std = row[key]["mean"], row[key]["std"]
+            cells.append(_number(mean) if not math.isfinite(std) else f"{_number(mean)} ± {_number(std)}")
+        own, inherited = row["train_time_s"]["mean"], row["inherited_train_time_s"]["mean"]
+        times = {"train_time_s": own, "inherited_train_time_s": inherited}
+        cells += [_yes_no(row["outliers_in_training"]), _train_time(times)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines[-1] += _reuse_note(list(block["rows"].values()))
+    seeds = block["values"]
+    lines.append(
+        "\nRanking of the methods' own scores (best first; `=`: equal values), per metric: the same in every "
+        "seed, or each order with the seeds that gave it.\n"
+    )
+    for key in HEADLINE_KEYS:
+        ranking = block["rankings"][key]
+        title = COLUMN_TITLES[key] + ("" if ranking["higher_is_better"] else " (lower is better)")
+        texts = [_order_text(o, u) for o, u in zip(ranking["orders"], ranking["unranked"], strict=True)]
+        if ranking["held"]:
+            lines.append(f"- {title}: held in every seed: {texts[0] if texts else 'none'}")
+            continue
+        occurred = {}
+        for seed, text in zip(seeds, texts, strict=True):
+            occurred.setdefault(text, []).append(str(seed))
+        orders = "; ".join(f"{text} (seed{'s' if len(s) > 1 else ''} {', '.join(s)})" for text, s in occurred.items())
+        lines.append(f"- {title}: **changed** between seeds: {orders}")
+    return "\n".join(lines)
+
+
 def _finite_or_nan(value: Any) -> float:
     """A record's value as a float (NaN where it is missing or not a number)."""
     return float(value) if isinstance(value, (int, float)) else math.nan
@@ -978,6 +1296,7 @@ def compare_main(argv: Sequence[str]) -> int:
         cfg.protocols,
         cfg.bootstrap_samples,
         cfg.bootstrap_seed,
+        cfg.seeds,
     )
     return 0
 

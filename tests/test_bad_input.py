@@ -188,6 +188,13 @@ def _bad_input_cases(root: Path, work: Path, sml_checkpoint: Path) -> dict[str, 
                                        ["compare", compare_out, "--bootstrap_samples=-1"],
                                        "compare: bootstrap_samples (resamples of the test images; 0 turns the "
                                        "intervals off) must be a non-negative integer, got -1"),
+        "compare_seeds_zero": ("no training seed (`--seeds=0`)", "compare", ["compare", compare_out, "--seeds=0"],
+                               "compare: --seeds (how many times every method is trained, each with its own seed) "
+                               "must be an integer >= 1, got 0"),
+        "compare_seeds_negative": ("negative seed count (`--seeds=-1`)", "compare",
+                                   ["compare", compare_out, "--seeds=-1"], "--seeds (how many times"),
+        "compare_seeds_not_integer": ("seed count not an integer (`--seeds=1.5`)", "compare",
+                                      ["compare", compare_out, "--seeds=1.5"], "must be an integer >= 1, got 1.5"),
         "compare_unknown_method": ("unknown method in the overrides", "compare",
                                    ["compare", compare_out, f'--methods={{"sml": "{sml}"}}',
                                     '--overrides=["--model=NoSuchMethod"]'], "NoSuchMethod"),
@@ -246,7 +253,8 @@ BAD_INPUT = [
     "predict_no_folder",
     "predict_empty_folder", "predict_other_method_checkpoint", "compare_missing_config",
     "compare_missing_method_config", "compare_wrong_type", "compare_unknown_reuse", "compare_unknown_init",
-    "compare_unknown_method", "compare_unknown_protocol", "compare_bootstrap_negative",
+    "compare_unknown_method", "compare_unknown_protocol", "compare_bootstrap_negative", "compare_seeds_zero",
+    "compare_seeds_negative", "compare_seeds_not_integer",
     "download_no_root", "download_wrong_type", "download_root_not_a_folder", "download_unreachable",
     "no_subcommand", "unknown_subcommand",
 ]  # fmt: skip
@@ -263,6 +271,13 @@ def test_bad_input_exits_non_zero_with_one_clear_error(name: str, bad_input: dic
     # Our errors are one line; jsonargparse explains a rejected value in a few more.
     assert 1 <= len(block) <= 10, stderr[-3000:]
     assert expected in "\n".join(block), block
+
+
+@pytest.mark.parametrize("name", ["compare_seeds_zero", "compare_seeds_negative", "compare_seeds_not_integer"])
+def test_bad_seed_count_is_one_line_naming_the_option(name: str, bad_input: dict[str, Any]) -> None:
+    # compare checks --seeds itself (jsonargparse would explain a non-integer in several lines)
+    block = _error_block(bad_input[name]["stderr"])
+    assert len(block) == 1 and block[0].startswith("error: compare: --seeds "), block
 
 
 def test_every_bad_input_case_is_checked(bad_input: dict[str, Any]) -> None:

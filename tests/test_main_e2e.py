@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import main
 from datamodules.synthetic import write_synthetic_streethazards
-from tests.helpers import REPO, cli_args, method_config_args
+from tests.helpers import REPO, TEST_ENCODER, cli_args, method_config_args
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,25 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
     hparams = torch.load(out / "dual_decoder/run/checkpoints/last.ckpt", weights_only=True)["hyper_parameters"]
     assert hparams["init_checkpoint"].endswith("sml/run/checkpoints/last.ckpt")
     assert "| sml |" in (out / "comparison.md").read_text()
+    # Honest budgets: a row's training time counts the network it starts from or scores, and says
+    # whether that network saw pasted outliers (the dual decoder's demo config pastes them).
+    by_method = {r["method"]: r for r in document["records"]}
+    for record in document["records"]:
+        assert record["total_train_time_s"] == record["train_time_s"] + record["inherited_train_time_s"]
+    sml_record = by_method["sml"]
+    assert sml_record["inherited_train_time_s"] == 0 and sml_record["reuses"] == ""
+    assert fre["inherited_train_time_s"] == sml_record["total_train_time_s"] > 0
+    assert fre["reuses"] == "scores the network of sml" and dual["reuses"] == "starts from the network of sml"
+    assert dual["inherited_train_time_s"] == sml_record["total_train_time_s"]
+    outliers = {method: r["outliers_in_training"] for method, r in by_method.items()}
+    assert outliers["dual_decoder"] is outliers["sml@dual_decoder"] is True
+    assert outliers["sml"] is outliers["msp@sml"] is outliers["fre"] is outliers["knn"] is False
+    dual_row = next(
+        line for line in (out / "comparison.md").read_text().splitlines() if line.startswith("| dual_decoder |")
+    )
+    own, inherited = dual["train_time_s"], dual["inherited_train_time_s"]
+    assert dual_row.endswith(f"| yes | {own:.0f} + {inherited:.0f} | {dual['test_time_s']:.0f} |"), dual_row
+    assert "fre scores the network of sml" in (out / "comparison.md").read_text()
     # every method was tested under one protocol, so the file carries that one card
     card = document["protocol"]
     assert card["pooled"]["fpr95_rule"] == "first_reaching" and card["evaluation_resolution"] == "64x96"
@@ -126,6 +146,72 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
     sml = next(r for r in document["records"] if r["method"] == "sml")
     assert f"| sml | {sml['aupr']:.3f} [{sml['aupr_ci'][0]:.3f}, {sml['aupr_ci'][1]:.3f}]" in text.replace("**", "")
     assert "not distinguishable from that best row" in text
+
+
+def test_compare_seeds_trains_each_seed_in_its_folder_and_summarises_them(tiny_root: Path, tmp_path: Path) -> None:
+    """`compare --seeds 2`: two whole comparisons (the dual decoder starting from its own seed's
+    segmenter) and a top-level summary whose numbers are those of the seed folders."""
+    overrides = [
+        f"--data.root={tiny_root}",
+        "--data.image_size=[64, 96]",
+        "--data.batch_size=4",
+        "--data.num_workers=0",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--evaluation.num_bits=16",
+        f"--model.init_args.encoder_name={TEST_ENCODER}",
+    ]
+    out = tmp_path / "compare"
+    argv = [
+        "compare",
+        f"--output_dir={out}",
+        f"--base_config={REPO / 'configs/demo.yaml'}",
+        f"--method_config_dir={REPO / 'configs/method/demo'}",
+        "--methods=[sml, dual_decoder]",
+        f"--overrides={json.dumps(overrides)}",
+        "--num_examples=1",
+        "--bootstrap_samples=0",
+        "--seeds=2",
+    ]
+    assert main.main(argv) == 0
+    document = json.loads((out / "comparison.json").read_text())
+    block = document["seeds"]
+    assert block["values"] == [0, 1] and block["folders"] == ["seed_0", "seed_1"]
+    per_seed = {}
+    for seed in (0, 1):
+        folder = out / f"seed_{seed}"
+        for name in ("comparison.json", "comparison.md", "comparison.png"):
+            assert (folder / name).is_file(), (seed, name)
+        per_seed[seed] = {r["method"]: r for r in json.loads((folder / "comparison.json").read_text())["records"]}
+        # each seed's runs got that seed, and the dual decoder started from that seed's segmenter
+        assert f"seed_everything: {seed}" in (folder / "sml" / "run" / "config.yaml").read_text()
+        hparams = last_checkpoint(folder, "dual_decoder")["hyper_parameters"]
+        assert hparams["init_checkpoint"] == str(folder / "sml" / "run" / "checkpoints" / "last.ckpt")
+    weights = [last_checkpoint(out / f"seed_{seed}", "sml")["state_dict"] for seed in (0, 1)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0] if weights[0][k].is_floating_point())
+    assert not (out / "sml").exists()  # with several seeds, every run is in a seed folder
+    assert set(block["rows"]) == set(per_seed[0]) == set(per_seed[1])
+    for method, row in block["rows"].items():
+        for key in main.HEADLINE_KEYS:
+            values = [per_seed[seed][method][key] for seed in (0, 1)]
+            assert row[key]["values"] == values, (method, key)
+            assert row[key]["mean"] == pytest.approx(np.mean(values), rel=1e-12), (method, key)
+            assert row[key]["std"] == pytest.approx(np.std(values, ddof=1), rel=1e-12, abs=1e-15), (method, key)
+    assert block["primary"] == ["sml", "dual_decoder"]
+    for key, ranking in block["rankings"].items():
+        # held: every pair of the methods' own scores compares the same way in both seeds
+        signs = [np.sign(per_seed[s]["sml"][key] - per_seed[s]["dual_decoder"][key]) for s in (0, 1)]
+        assert ranking["held"] == (signs[0] == signs[1]), key
+        assert ranking["higher_is_better"] == (not key.startswith("fpr95"))
+    assert block["rows"]["dual_decoder"]["outliers_in_training"] is True
+    assert block["rows"]["sml"]["outliers_in_training"] is False
+    text = (out / "comparison.md").read_text()
+    sml = block["rows"]["sml"]["aupr"]
+    assert f"| sml | {sml['mean']:.3f} ± {sml['std']:.3f} |" in text
+    assert "- AUPR: " in text and "- mIoU: " in text and "seed_<s>/comparison.md" in text
 
 
 @pytest.mark.parametrize(
