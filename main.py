@@ -1015,8 +1015,12 @@ def _compare_once(
         reuses = f"scores the network of {source}" if source else ""
         reuses = f"starts from the network of {start_from}" if start_from else reuses
         print(f"compare: {name} ({configs[name]})" + (f", {reuses}" if reuses else ""))
+        method_overrides = list(overrides)
+        if source:  # the network's own scores (its baselines) are that row's already: not evaluated twice
+            evaluated = sorted(runs[source]["results"]["scores"])
+            method_overrides.append(f"--evaluation.exclude_scores={json.dumps(evaluated)}")
         run = run_method(
-            name, [*base, configs[name]], out, overrides, reuse_checkpoints, init_checkpoint, train=source is None
+            name, [*base, configs[name]], out, method_overrides, reuse_checkpoints, init_checkpoint, train=source is None
         )
         runs[name] = run
         budgets[name] = _budget(run, budgets.get(source or start_from), trained=source is None)

@@ -231,6 +231,10 @@ class AnomalyEvaluation(L.Callback):
             method, which is what makes ``compare``'s paired differences paired.
         image_summaries_filename: name of the per-image summaries file (NumPy ``.npz``) written beside
             ``metrics.json`` when the bootstrap is on.
+        exclude_scores: score names left out of the anomaly metrics (never the method's own,
+            first, score). ``compare`` passes the scores another row already evaluated on the same
+            network (e.g. the MSP/MaxLogit/entropy/energy baselines of the SML segmenter in the FRE
+            and kNN runs, which score that network): the same numbers again cost a third of a test pass.
 
     After an epoch, :attr:`results` holds the values per stage (``"validate"``, ``"test"``),
     :attr:`curves` the PR/ROC curves and TensorBoard PR-curve counts per stage and score (global
@@ -264,8 +268,12 @@ class AnomalyEvaluation(L.Callback):
         bootstrap_samples: int = 1000,
         bootstrap_seed: int = 0,
         image_summaries_filename: str = "image_summaries.npz",
+        exclude_scores: Sequence[str] = (),
     ) -> None:
         super().__init__()
+        if isinstance(exclude_scores, str) or not all(isinstance(name, str) for name in exclude_scores):
+            raise EvaluationOptionError(f"evaluation.exclude_scores must be a list of score names, got {exclude_scores!r}")
+        self.exclude_scores = frozenset(exclude_scores)
         try:
             self.test_time_augmentation = TestTimeAugmentation.from_options(test_time_augmentation)
         except ValueError as error:
@@ -473,6 +481,8 @@ class AnomalyEvaluation(L.Callback):
 
     def _update(self, stage: str, pl_module: L.LightningModule, outputs: Any, batch: Any) -> None:
         logits, scores = _unpack_outputs(outputs)
+        if self.exclude_scores:
+            scores = self._without_excluded(scores)
         if not isinstance(batch, Mapping) or "mask" not in batch:
             raise ValueError("AnomalyEvaluation needs dict batches with a 'mask' [B, H, W] entry")
         mask: Tensor = batch["mask"]
@@ -516,6 +526,15 @@ class AnomalyEvaluation(L.Callback):
             anomaly_index = state.counts.anomaly_index
             known = (mask >= 0) & (mask < state.num_classes) & (mask != anomaly_index)
             state.negatives.update(resized[state.primary], torch.stack([mask, preds]), known)
+
+    def _without_excluded(self, scores: dict[str, Tensor]) -> dict[str, Tensor]:
+        primary = next(iter(scores), None)
+        if primary in self.exclude_scores:
+            raise EvaluationOptionError(
+                f"evaluation.exclude_scores names the method's own score '{primary}'; only further scores "
+                f"({', '.join(list(scores)[1:]) or 'none here'}) can be left out"
+            )
+        return {name: score for name, score in scores.items() if name not in self.exclude_scores}
 
     # ------------------------------------------------------------------ epoch end
     def _finish(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

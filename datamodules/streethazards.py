@@ -807,7 +807,11 @@ class StreetHazardsDataModule(L.LightningDataModule):
         root: dataset folder in the released layout. The default is the embedded synthetic dataset,
             written there on first use.
         image_size: (height, width) to resize to on load for training and validation; ``None``
-            keeps the native 720x1280. Training crops of this size are taken after random scaling.
+            keeps the native 720x1280. Training crops of this size are taken after random scaling
+            (``train_crop_size`` for smaller ones).
+        train_crop_size: (height, width) of the training crops, at most ``image_size``; ``None``:
+            ``image_size``. Smaller crops make a training step cheaper at the same scale (the
+            network still sees objects at the evaluation resolution); needs ``train_augment``.
         test_image_size: resize for the test split; ``None`` uses ``image_size``.
         test_native_resolution: evaluate the test split at its native resolution regardless of
             ``image_size`` / ``test_image_size`` (the published protocol).
@@ -854,6 +858,7 @@ class StreetHazardsDataModule(L.LightningDataModule):
         image_size: tuple[int, int] | None = None,
         test_image_size: tuple[int, int] | None = None,
         test_native_resolution: bool = False,
+        train_crop_size: tuple[int, int] | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int | None = None,
@@ -888,6 +893,16 @@ class StreetHazardsDataModule(L.LightningDataModule):
         self.test_image_size = tuple(test_image_size) if test_image_size is not None else self.image_size
         if test_native_resolution:
             self.test_image_size = None
+        self.train_crop_size = tuple(train_crop_size) if train_crop_size is not None else None
+        if self.train_crop_size is not None:
+            if len(self.train_crop_size) != 2 or min(self.train_crop_size) < 1:
+                raise StreetHazardsDataError(f"data.train_crop_size must be (height, width) >= 1, got {train_crop_size}")
+            if not train_augment:
+                raise StreetHazardsDataError("data.train_crop_size needs data.train_augment (the crops are part of it)")
+            if self.image_size is not None and any(c > s for c, s in zip(self.train_crop_size, self.image_size)):
+                raise StreetHazardsDataError(
+                    f"data.train_crop_size {list(self.train_crop_size)} exceeds data.image_size {list(self.image_size)}"
+                )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -1050,6 +1065,8 @@ class StreetHazardsDataModule(L.LightningDataModule):
         return prepare_batch(batch) if isinstance(batch, Mapping) else batch
 
     def _crop_size(self) -> tuple[int, int]:
+        if self.train_crop_size is not None:
+            return self.train_crop_size
         if self.image_size is not None:
             return self.image_size
         image = load_image(list_split(self.root, "train")[0].image)

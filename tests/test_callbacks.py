@@ -29,6 +29,7 @@ from test_metrics_reference import reference_fpr_at_recall
 from torch.utils.data import DataLoader, Dataset
 
 from callbacks.evaluation import AnomalyEvaluation, load_image_summaries, resize_to
+from callbacks.protocol import EvaluationOptionError
 from callbacks.metrics import AnomalyMetrics, NegativeScoreHistogram
 from callbacks.metrics import functional as functional
 from callbacks.metrics.functional import false_positive_breakdown
@@ -801,3 +802,22 @@ def test_a_new_epoch_frees_the_previous_epochs_histograms_without_garbage_collec
     finally:
         gc.enable()
     assert evaluation.val_metrics["red"] is not first and evaluation.threshold95("validate") is not None
+
+
+def test_excluded_scores_are_not_evaluated_and_the_others_are_unchanged(tmp_path, test_run):
+    evaluation = AnomalyEvaluation(exclude_scores=["msp", "not_a_score"], operating_points=False)
+    trainer = make_trainer(tmp_path, [evaluation], logger=False)
+    trainer.test(ToyMethod(), loader(ToyData()), verbose=False)
+    scores = evaluation.results["test"]["scores"]
+    assert list(scores) == ["red"]
+    for key in ("aupr", "auroc", "fpr95", "aupr_per_image"):
+        assert scores["red"][key] == test_run["evaluation"].results["test"]["scores"]["red"][key]
+
+
+def test_excluding_the_methods_own_score_is_refused(tmp_path):
+    evaluation = AnomalyEvaluation(exclude_scores=["red"], operating_points=False)
+    trainer = make_trainer(tmp_path, [evaluation], logger=False)
+    with pytest.raises(EvaluationOptionError, match="own score 'red'"):
+        trainer.test(ToyMethod(), loader(ToyData()), verbose=False)
+    with pytest.raises(EvaluationOptionError, match="exclude_scores must be a list"):
+        AnomalyEvaluation(exclude_scores="msp")
