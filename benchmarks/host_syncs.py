@@ -308,6 +308,7 @@ def method_args(method: str, root: Path, out: Path, size: tuple[int, int], devic
         f"--config={REPO / 'configs' / 'method' / 'demo' / f'{method}.yaml'}",
         f"--data.root={root}",
         f"--data.image_size=[{size[0]}, {size[1]}]",
+        "--data.train_crop_size=null",
         "--data.batch_size=2",
         "--data.eval_batch_size=2",
         "--data.num_workers=0",

@@ -61,6 +61,7 @@ def base_overrides(args: argparse.Namespace, device: torch.device) -> list[str]:
         overrides.append(f"--data.root={args.data_root}")
     if args.image_size is not None:
         overrides.append(f"--data.image_size=[{args.image_size[0]}, {args.image_size[1]}]")
+        overrides.append("--data.train_crop_size=null")  # the demo's crops are for its 128x224 images
     if args.num_workers is not None:
         overrides.append(f"--data.num_workers={args.num_workers}")
     if args.epochs is not None:

@@ -809,8 +809,8 @@ class StreetHazardsDataModule(L.LightningDataModule):
         image_size: (height, width) to resize to on load for training and validation; ``None``
             keeps the native 720x1280. Training crops of this size are taken after random scaling
             (``train_crop_size`` for smaller ones).
-        train_crop_size: (height, width) of the training crops, at most ``image_size``; ``None``:
-            ``image_size``. Smaller crops make a training step cheaper at the same scale (the
+        train_crop_size: (height, width) of the training crops; ``None``: ``image_size``. A crop
+            larger than the (scaled) image is padded with the ignore label, as with scale augmentation. Smaller crops make a training step cheaper at the same scale (the
             network still sees objects at the evaluation resolution); needs ``train_augment``.
         test_image_size: resize for the test split; ``None`` uses ``image_size``.
         test_native_resolution: evaluate the test split at its native resolution regardless of
@@ -899,10 +899,6 @@ class StreetHazardsDataModule(L.LightningDataModule):
                 raise StreetHazardsDataError(f"data.train_crop_size must be (height, width) >= 1, got {train_crop_size}")
             if not train_augment:
                 raise StreetHazardsDataError("data.train_crop_size needs data.train_augment (the crops are part of it)")
-            if self.image_size is not None and any(c > s for c, s in zip(self.train_crop_size, self.image_size)):
-                raise StreetHazardsDataError(
-                    f"data.train_crop_size {list(self.train_crop_size)} exceeds data.image_size {list(self.image_size)}"
-                )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers

@@ -56,6 +56,8 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
     overrides = [
         f"--data.root={tiny_root}",
         "--data.image_size=[64, 96]",
+        "--data.train_crop_size=null",
+        "--trainer.check_val_every_n_epoch=1",
         "--data.batch_size=4",
         "--data.num_workers=0",
         "--trainer.max_epochs=1",
@@ -154,6 +156,8 @@ def test_compare_seeds_trains_each_seed_in_its_folder_and_summarises_them(tiny_r
     overrides = [
         f"--data.root={tiny_root}",
         "--data.image_size=[64, 96]",
+        "--data.train_crop_size=null",
+        "--trainer.check_val_every_n_epoch=1",
         "--data.batch_size=4",
         "--data.num_workers=0",
         "--trainer.max_epochs=1",
