@@ -163,6 +163,23 @@ def test_train_batches_have_crop_size(release_root: Path) -> None:
     assert int(batch["mask"][batch["mask"] != IGNORE_INDEX].max()) < ANOMALY_INDEX
 
 
+def test_train_crop_size_gives_smaller_training_crops_at_the_same_scale(release_root: Path) -> None:
+    dm = make_dm(release_root, image_size=(16, 32), train_crop_size=(8, 12), scale_range=(1.0, 1.0))
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 8, 12) and batch["mask"].shape == (2, 8, 12)
+    assert next(iter(dm.val_dataloader()))["image"].shape[-2:] == (16, 32)  # evaluation keeps image_size
+    # Without scaling, a crop is a window of the resized image: its labels are a 8x12 block of it.
+    full = dm.datasets["train"].load(0)[1]
+    crop = dm.datasets["train"][0]["mask"].numpy()
+    windows = [full[r : r + 8, c : c + 12] for r in range(16 - 7) for c in range(32 - 11)]
+    assert any((w == crop).all() or (w[:, ::-1] == crop).all() for w in windows)
+    with pytest.raises(StreetHazardsDataError, match="train_crop_size"):
+        make_dm(release_root, train_crop_size=(0, 12))
+    with pytest.raises(StreetHazardsDataError, match="train_augment"):
+        make_dm(release_root, train_crop_size=(8, 12), train_augment=False)
+
+
 def test_training_batches_are_reproducible_per_seed_and_epoch_whatever_the_workers(release_root: Path) -> None:
     """Shuffling and augmentation (albumentations' own generators, which seed_everything does not
     reach) follow (data.seed, epoch, sample): the same batches with 0 or 2 workers and from a new
