@@ -1020,7 +1020,13 @@ def _compare_once(
             evaluated = sorted(runs[source]["results"]["scores"])
             method_overrides.append(f"--evaluation.exclude_scores={json.dumps(evaluated)}")
         run = run_method(
-            name, [*base, configs[name]], out, method_overrides, reuse_checkpoints, init_checkpoint, train=source is None
+            name,
+            [*base, configs[name]],
+            out,
+            method_overrides,
+            reuse_checkpoints,
+            init_checkpoint,
+            train=source is None,
         )
         runs[name] = run
         budgets[name] = _budget(run, budgets.get(source or start_from), trained=source is None)

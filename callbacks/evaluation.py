@@ -272,7 +272,9 @@ class AnomalyEvaluation(L.Callback):
     ) -> None:
         super().__init__()
         if isinstance(exclude_scores, str) or not all(isinstance(name, str) for name in exclude_scores):
-            raise EvaluationOptionError(f"evaluation.exclude_scores must be a list of score names, got {exclude_scores!r}")
+            raise EvaluationOptionError(
+                f"evaluation.exclude_scores must be a list of score names, got {exclude_scores!r}"
+            )
         self.exclude_scores = frozenset(exclude_scores)
         try:
             self.test_time_augmentation = TestTimeAugmentation.from_options(test_time_augmentation)

@@ -809,9 +809,10 @@ class StreetHazardsDataModule(L.LightningDataModule):
         image_size: (height, width) to resize to on load for training and validation; ``None``
             keeps the native 720x1280. Training crops of this size are taken after random scaling
             (``train_crop_size`` for smaller ones).
-        train_crop_size: (height, width) of the training crops; ``None``: ``image_size``. A crop
-            larger than the (scaled) image is padded with the ignore label, as with scale augmentation. Smaller crops make a training step cheaper at the same scale (the
-            network still sees objects at the evaluation resolution); needs ``train_augment``.
+        train_crop_size: (height, width) of the training crops; ``None``: ``image_size``. Smaller
+            crops make a training step cheaper at the same scale (the network still sees objects
+            at the evaluation resolution); a crop larger than the (scaled) image is padded with the
+            ignore label, as with scale augmentation. Needs ``train_augment``.
         test_image_size: resize for the test split; ``None`` uses ``image_size``.
         test_native_resolution: evaluate the test split at its native resolution regardless of
             ``image_size`` / ``test_image_size`` (the published protocol).
@@ -896,7 +897,9 @@ class StreetHazardsDataModule(L.LightningDataModule):
         self.train_crop_size = tuple(train_crop_size) if train_crop_size is not None else None
         if self.train_crop_size is not None:
             if len(self.train_crop_size) != 2 or min(self.train_crop_size) < 1:
-                raise StreetHazardsDataError(f"data.train_crop_size must be (height, width) >= 1, got {train_crop_size}")
+                raise StreetHazardsDataError(
+                    f"data.train_crop_size must be (height, width) >= 1, got {list(train_crop_size)}"
+                )
             if not train_augment:
                 raise StreetHazardsDataError("data.train_crop_size needs data.train_augment (the crops are part of it)")
         self.batch_size = batch_size

@@ -333,6 +333,28 @@ def _assert_same_tree(one: Any, two: Any, path: str) -> None:
 def assert_same_evaluation(one: dict[str, Any], two: dict[str, Any], exact_scores: tuple[str, ...]) -> None:
     for key in ("num_images", "num_valid_pixels", "num_anomaly_pixels", "segmentation", "anomaly_fraction"):
         assert one[key] == two[key], key
+    assert one["num_images"] == 7  # a padding sampler would give 8 on 2 processes
+    for score, values in one["scores"].items():
+        for key, value in values.items():
+            other = two["scores"][score][key]
+            if key.endswith("_ci"):  # a bootstrap interval [low, high] (null: undefined)
+                _assert_same_interval(score, key, value, other, values, two["scores"][score], score in exact_scores)
+            elif key.endswith("_per_image"):
+                # A mean over images, summed across processes in another order.
+                assert other == pytest.approx(value, rel=1e-12, abs=1e-15), (score, key)
+            elif value is None or other is None:  # NaN is written as null
+                assert value is None and other is None, (score, key)
+            elif key in POOLED_BOUNDS:
+                # The adaptive histogram merges the processes' layouts: each result holds the exact
+                # value within its reported bound, so the two lie within the sum of both bounds.
+                bound = values[POOLED_BOUNDS[key]] + two["scores"][score][POOLED_BOUNDS[key]]
+                assert abs(other - value) <= bound + 1e-12, (score, key, value, other, bound)
+            elif key.endswith("_error_bound") or key == "threshold95":
+                continue  # where the histogram's bin edges fall depends on how the layouts merged
+            elif score in exact_scores:
+                assert other == value, (score, key)
+            else:
+                assert other == pytest.approx(value, rel=1e-6, abs=1e-9), (score, key)
     if one.get("operating_points") is not None:
         _assert_same_operating_points(one["operating_points"], two["operating_points"])
 
@@ -360,28 +382,6 @@ def _assert_same_operating_points(one: dict[str, Any], two: dict[str, Any]) -> N
             _assert_same_tree(a, b, f"operating_points/{name}")
             compared += 1
     assert compared >= len(grid) // 2, "most oracle-grid thresholds should agree"
-    assert one["num_images"] == 7  # a padding sampler would give 8 on 2 processes
-    for score, values in one["scores"].items():
-        for key, value in values.items():
-            other = two["scores"][score][key]
-            if key.endswith("_ci"):  # a bootstrap interval [low, high] (null: undefined)
-                _assert_same_interval(score, key, value, other, values, two["scores"][score], score in exact_scores)
-            elif key.endswith("_per_image"):
-                # A mean over images, summed across processes in another order.
-                assert other == pytest.approx(value, rel=1e-12, abs=1e-15), (score, key)
-            elif value is None or other is None:  # NaN is written as null
-                assert value is None and other is None, (score, key)
-            elif key in POOLED_BOUNDS:
-                # The adaptive histogram merges the processes' layouts: each result holds the exact
-                # value within its reported bound, so the two lie within the sum of both bounds.
-                bound = values[POOLED_BOUNDS[key]] + two["scores"][score][POOLED_BOUNDS[key]]
-                assert abs(other - value) <= bound + 1e-12, (score, key, value, other, bound)
-            elif key.endswith("_error_bound") or key == "threshold95":
-                continue  # where the histogram's bin edges fall depends on how the layouts merged
-            elif score in exact_scores:
-                assert other == value, (score, key)
-            else:
-                assert other == pytest.approx(value, rel=1e-6, abs=1e-9), (score, key)
 
 
 class RecordOperatingPoints(L.Callback):

@@ -29,13 +29,13 @@ from test_metrics_reference import reference_fpr_at_recall
 from torch.utils.data import DataLoader, Dataset
 
 from callbacks.evaluation import AnomalyEvaluation, load_image_summaries, resize_to
-from callbacks.protocol import EvaluationOptionError
 from callbacks.metrics import AnomalyMetrics, NegativeScoreHistogram
 from callbacks.metrics import functional as functional
 from callbacks.metrics.functional import false_positive_breakdown
 from callbacks.metrics.functional import layout_tensors as device_layout
 from callbacks.metrics.functional import rebin_tensors as device_rebin
 from callbacks.metrics.functional.bootstrap import image_id, paired_comparison
+from callbacks.protocol import EvaluationOptionError
 from callbacks.visualization import (
     AnomalyHeatmapLogger,
     apply_colormap,
