@@ -52,9 +52,10 @@ def test_fit_interrupted_after_one_epoch_resumes_to_same_step_count(tiny_root: P
     assert metrics["checkpoint"].endswith("last.ckpt")
 
 
-def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) -> None:
-    overrides = [
-        f"--data.root={tiny_root}",
+def tiny_compare_overrides(root: Path) -> list[str]:
+    """A one-step compare on the tiny data: the tests' sizes instead of the demo's crops and epochs."""
+    return [
+        f"--data.root={root}",
         "--data.image_size=[64, 96]",
         "--data.train_crop_size=null",
         "--trainer.check_val_every_n_epoch=1",
@@ -68,6 +69,10 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
         "--trainer.enable_model_summary=false",
         "--evaluation.num_bits=16",
     ]
+
+
+def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) -> None:
+    overrides = tiny_compare_overrides(tiny_root)
     out = tmp_path / "compare"
     # The defaults of configs/compare.yaml: every registered method, networks shared as registered.
     records = main.compare(
@@ -154,22 +159,7 @@ def test_compare_end_to_end_writes_three_files(tiny_root: Path, tmp_path: Path) 
 def test_compare_seeds_trains_each_seed_in_its_folder_and_summarises_them(tiny_root: Path, tmp_path: Path) -> None:
     """`compare --seeds 2`: two whole comparisons (the dual decoder starting from its own seed's
     segmenter) and a top-level summary whose numbers are those of the seed folders."""
-    overrides = [
-        f"--data.root={tiny_root}",
-        "--data.image_size=[64, 96]",
-        "--data.train_crop_size=null",
-        "--trainer.check_val_every_n_epoch=1",
-        "--trainer.num_sanity_val_steps=2",
-        "--data.batch_size=4",
-        "--data.num_workers=0",
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=1",
-        "--trainer.limit_val_batches=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--evaluation.num_bits=16",
-        f"--model.init_args.encoder_name={TEST_ENCODER}",
-    ]
+    overrides = [*tiny_compare_overrides(tiny_root), f"--model.init_args.encoder_name={TEST_ENCODER}"]
     out = tmp_path / "compare"
     argv = [
         "compare",
