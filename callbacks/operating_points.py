@@ -55,6 +55,9 @@ OPERATING_POINTS: tuple[str, ...] = ("tpr95", "best_f1")
 BENCHMARK_MIN_PREDICTION_SIZE, BENCHMARK_MIN_ANOMALY_SIZE, BENCHMARK_AREA = 500, 100, 720 * 1280
 #: AUPR per size bin: a small histogram each (2**(bits + 4) bytes: 1 MiB).
 _STRATUM_BITS = 16
+#: Anomaly scores held per process before they are counted into the size bins' histograms: anomaly
+#: pixels are few, and one histogram update per bin and batch cost more than the counting (4 MiB).
+_POSITIVES_BUFFERED = 1 << 20
 #: Longest side of a gallery panel, in pixels.
 _GALLERY_PANEL = 320
 
@@ -127,6 +130,7 @@ class OperatingPointEvaluation:
         # AUPR per size bin: one histogram of the negatives, one of each bin's positives (merged at the end).
         self._stratum_negatives: AnomalyMetrics | None = None
         self._stratum_positives: list[AnomalyMetrics] = []
+        self._positives_buffer: list[list[np.ndarray]] = []
         self._gallery: dict[str, list[GalleryEntry]] = {"false_positives": [], "missed": []}
         self._order = itertools.count()
         self._sizes: tuple[int, int] = (0, 0)
@@ -233,7 +237,18 @@ class OperatingPointEvaluation:
         )
         self._stratum_negatives = self._stratum_metric(device)
         self._stratum_positives = [self._stratum_metric(device) for _ in range(len(self.size_bins) + 1)]
+        self._positives_buffer = [[] for _ in self._stratum_positives]
         self._sizes = (min_prediction, min_anomaly)
+
+    def _count_positives(self, device: torch.device) -> None:
+        """Count the buffered positive scores into their size bins' histograms (one wait for all)."""
+        updates = []
+        for metric, buffer in zip(self._stratum_positives, self._positives_buffer, strict=True):
+            if buffer:
+                values = torch.from_numpy(np.concatenate(buffer)).to(device).view(1, -1)
+                updates.append((metric, values, torch.full_like(values, self.anomaly_index, dtype=torch.long)))
+                buffer.clear()
+        AnomalyMetrics.update_many(updates)
 
     def _stratum_metric(self, device: torch.device) -> AnomalyMetrics:
         return AnomalyMetrics(self.anomaly_index, self.ignore_index, num_bits=_STRATUM_BITS).to(device)
@@ -268,16 +283,16 @@ class OperatingPointEvaluation:
                 bin_map[i] = lookup[first.truth]
         assert self._stratum_negatives is not None
         anomaly = mask == self.anomaly_index
-        updates = [(self._stratum_negatives, score, torch.where(anomaly, self.ignore_index, mask))]
-        # Each bin's positive scores, selected on the host and moved back together.
+        self._stratum_negatives.update(score, torch.where(anomaly, self.ignore_index, mask))
+        # Each bin's positive scores, selected on the host, counted when enough have gathered.
         host_anomaly = host_labels == self.anomaly_index
         host_bins, host_positive = bin_map[host_anomaly], host_scores[host_anomaly]
-        for b, metric in enumerate(self._stratum_positives):
+        for b, buffer in enumerate(self._positives_buffer):
             selected = host_positive[host_bins == b]
             if selected.size:
-                values = torch.from_numpy(selected).to(score.device).view(1, -1)
-                updates.append((metric, values, torch.full_like(values, self.anomaly_index, dtype=torch.long)))
-        AnomalyMetrics.update_many(updates)  # one wait for all of them (two when a layout grows)
+                buffer.append(selected)
+        if sum(part.size for buffer in self._positives_buffer for part in buffer) >= _POSITIVES_BUFFERED:
+            self._count_positives(score.device)
 
         primary = operating[OPERATING_POINTS.index(self.primary)]
         table_index = OPERATING_POINTS.index(self.primary)
@@ -328,9 +343,10 @@ class OperatingPointEvaluation:
         components = self._components.compute()
         pixels = self._pixels.compute()
         strata = self._strata.compute()
+        assert self._stratum_negatives is not None
+        self._count_positives(self._stratum_negatives.device)
         stratum_aupr = []
         for positives in self._stratum_positives:
-            assert self._stratum_negatives is not None
             merged = self._stratum_metric(self._stratum_negatives.device)
             merged.merge_state(self._stratum_negatives)
             merged.merge_state(positives)

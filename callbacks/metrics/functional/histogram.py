@@ -636,7 +636,10 @@ def plan_layout(
     if not force and not moving.any():
         return None
 
-    mass = np.asarray(stats.count, dtype=np.float64)
+    # Only the coarse bins that hold keys or sub-bins take part (a few thousand of 65536): their
+    # values, in score order; the others have no pixels and keep no sub-bins.
+    active = np.flatnonzero(seen | has)
+    mass = stats.count[active].astype(np.float64)
     total_mass = mass.sum()
     above = total_mass - np.cumsum(mass)  # pixels in higher coarse bins
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -645,29 +648,36 @@ def plan_layout(
         )
     max_sub = 1 << ADAPTIVE_LOW_BITS
     # A lattice seen on a few pixels says little (one pixel is a lattice of any step).
-    floor = np.where(mass >= 16.0 * (max_sub >> stats.align), stats.align, 0)
-    lower = np.maximum(np.where(has, shift, 0), floor)
+    floor = np.where(mass >= 16.0 * (max_sub >> stats.align[active]), stats.align[active], 0)
+    lower = np.maximum(np.where(has[active], shift[active], 0), floor)
+    low_min, low_max = stats.low_min[active], stats.low_max[active]
     finite = log2_weight[np.isfinite(log2_weight)]
     coarsest = (finite.max() if finite.size else 0.0) + 1.0  # every bin at shift 16 from here on
     finest = (finite.min() if finite.size else 0.0) - ADAPTIVE_LOW_BITS - 1.0  # every bin at its lower shift
 
-    def shifts_at(log2_level: float, where: np.ndarray) -> np.ndarray:
-        with np.errstate(invalid="ignore"):  # -inf - -inf: a bin without pixels before the first level
-            exponent = np.floor(log2_weight[where] - log2_level)  # log2 of the sub-bins wanted
-        exponent = np.clip(np.nan_to_num(exponent, nan=0.0, neginf=0.0, posinf=ADAPTIVE_LOW_BITS), 0, 16)
-        return np.maximum(lower[where], ADAPTIVE_LOW_BITS - exponent.astype(np.int64))
+    def shifts_of(log2_level: float, weight: np.ndarray, low: np.ndarray) -> np.ndarray:
+        # weight is finite or -inf (no pixels) and the level finite: clip maps -inf to 0 sub-bins' exponent
+        exponent = np.clip(np.floor(weight - log2_level), 0, ADAPTIVE_LOW_BITS)  # log2 of the sub-bins wanted
+        return np.maximum(low, ADAPTIVE_LOW_BITS - exponent.astype(np.int64))
 
-    def sub_bins(log2_level: float, where: np.ndarray) -> int:
-        return int(coverage(stats.low_min[where], stats.low_max[where], shifts_at(log2_level, where))[1].sum())
+    def shifts_at(log2_level: float, where: np.ndarray) -> np.ndarray:
+        """Sub-bin width exponents of the active bins ``where`` at a log2 level."""
+        return shifts_of(log2_level, log2_weight[where], lower[where])
 
     def finest_level(where: np.ndarray, target: float, low_end: float) -> float:
         """Smallest log2 level (>= low_end) at which the bins ``where`` take at most ``target`` sub-bins."""
+        # The bisection counts sub-bins ~60 times: on the bins ``where``, gathered once.
+        weight, low, first, last = log2_weight[where], lower[where], low_min[where], low_max[where]
+
+        def sub_bins(log2_level: float) -> int:
+            return int(coverage(first, last, shifts_of(log2_level, weight, low))[1].sum())
+
         high_end = coarsest
-        if sub_bins(low_end, where) <= target:
+        if sub_bins(low_end) <= target:
             return low_end
         for _ in range(60):
             middle = 0.5 * (low_end + high_end)
-            if sub_bins(middle, where) <= target:
+            if sub_bins(middle) <= target:
                 high_end = middle
             else:
                 low_end = middle
@@ -676,8 +686,9 @@ def plan_layout(
     log2_level = np.log2(level) if level > 0 else coarsest
     if not force:
         free = budget - used
-        log2_new = min(finest_level(moving, share * free, finest), log2_level)
-        new_shift = shifts_at(log2_new, moving)
+        moving_active = moving[active]
+        log2_new = min(finest_level(moving_active, share * free, finest), log2_level)
+        new_shift = shifts_at(log2_new, moving_active)
         new_offset, new_size = coverage(stats.low_min[moving], stats.low_max[moving], new_shift)
         if new_size.sum() <= free:
             shift, offset, size, base = shift.copy(), np.array(offset), np.array(size), np.array(base)
@@ -694,15 +705,16 @@ def plan_layout(
                 moved=outgrown,
             )
 
-    wanted = seen | has
-    if force and sub_bins(finest, wanted) <= budget:  # merged layouts that fit: nothing coarser than needed
+    every = np.ones(active.size, dtype=bool)  # every active bin is wanted (seen | has)
+    # Merged layouts that fit keep every bin at its finest.
+    if force and int(coverage(low_min, low_max, shifts_at(finest, every))[1].sum()) <= budget:
         log2_fill = finest
     else:
-        target = max(share * budget, float(wanted.sum()))
-        log2_fill = finest_level(wanted, target, finest if level <= 0 else max(finest, log2_level))
+        target = max(share * budget, float(active.size))
+        log2_fill = finest_level(every, target, finest if level <= 0 else max(finest, log2_level))
     shift = np.full_like(shift, -1)
-    shift[wanted] = shifts_at(log2_fill, wanted)
+    shift[active] = shifts_at(log2_fill, every)
     offset, size = coverage(stats.low_min, stats.low_max, shift)
-    size = np.where(wanted, size, 0)
+    size[shift < 0] = 0
     base = (np.cumsum(size) - size).astype(np.int64)
     return AdaptivePlan(shift, offset, size, base, int(size.sum()), float(2.0**log2_fill), compacted=True, moved=has)
