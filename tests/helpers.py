@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -264,6 +263,7 @@ def free_port() -> int:
 
 
 def _process_group_entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+    torch.set_num_threads(1)  # a forked process must not use the parent's OpenMP pool
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
@@ -272,38 +272,46 @@ def _process_group_entry(rank: int, world: int, port: int, fn: Callable[..., Non
 
 
 def run_in_process_group(fn: Callable[..., None], world: int, *args: Any) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes joined in a gloo process group.
+    """Run ``fn(rank, world, *args)`` in ``world`` processes joined in a gloo process group.
 
-    ``fn`` must be a module-level function (the processes import it by name).
+    The processes are forked from this one, one thread each: a spawned one would import torch,
+    Lightning and the project again (about 10 s of CPU on the CI machine, per process).
     """
     import torch.multiprocessing as mp
 
-    mp.spawn(_process_group_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    mp.start_processes(
+        _process_group_entry, args=(world, free_port(), fn, args), nprocs=world, join=True, start_method="fork"
+    )
 
 
 # --------------------------------------------------------------------------------------- DDP harness
 def run_one_and_two_processes(method: str, root: Path, extra: list[str], tmp_path: Path) -> dict[int, dict[str, Any]]:
-    """``main.py test`` on 1 and on 2 gloo processes, concurrently; metrics.json and buffers of each."""
-    # One thread per process in both runs: the intra-op thread count changes float summation order.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {}
-    for world in (1, 2):
-        out = tmp_path / f"world{world}"
-        command = [
-            sys.executable, "main.py", "test", *cli_args(root, out, method=method), *extra,
-            *(["--trainer.strategy=ddp", "--trainer.devices=2"] if world == 2 else []),
-            callbacks_arg(("DumpBuffers", {"directory": str(out / "buffers")})),
-        ]  # fmt: skip
-        log = open(tmp_path / f"world{world}.log", "wb")  # noqa: SIM115  (closed below)
-        procs[world] = (subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log, out)
+    """``main.py test`` on 1 and on 2 gloo processes; metrics.json and buffers of each.
+
+    Both run in this process through ``main.main``, the 2-process one with ``ddp_fork`` (its two
+    processes forked from this one): no ``python main.py`` start-up, about 10 s of imports each
+    on the CI machine (tests/test_ddp_equality.py runs the ``ddp`` launcher). One thread in both
+    runs: the intra-op thread count changes float summation order.
+    """
+    import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     results = {}
-    for world, (proc, log, out) in procs.items():
-        proc.wait(timeout=600)
-        log.close()
-        output = (tmp_path / f"world{world}.log").read_text()
-        assert proc.returncode == 0, output[-3000:]
-        buffers = [torch.load(out / "buffers" / f"rank{r}.pt", weights_only=True) for r in range(world)]
-        results[world] = {"metrics": json.loads((out / "run" / "run" / "metrics.json").read_text()), "buffers": buffers}
+    try:
+        for world in (1, 2):
+            out = tmp_path / f"world{world}"
+            argv = [
+                "test", *cli_args(root, out, method=method), *extra,
+                *(["--trainer.strategy=ddp_fork", "--trainer.devices=2"] if world == 2 else []),
+                callbacks_arg(("DumpBuffers", {"directory": str(out / "buffers")})),
+            ]  # fmt: skip
+            assert main.main(argv) == 0, f"main.py test on {world} process(es) failed"
+            buffers = [torch.load(out / "buffers" / f"rank{r}.pt", weights_only=True) for r in range(world)]
+            metrics = json.loads((out / "run" / "run" / "metrics.json").read_text())
+            results[world] = {"metrics": metrics, "buffers": buffers}
+    finally:
+        torch.set_num_threads(threads)
     return results
 
 

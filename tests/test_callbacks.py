@@ -589,7 +589,7 @@ def test_ddp_results_equal_single_process(tmp_path):
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy="ddp_fork",  # forked: no second import of torch and the project per process
         logger=TensorBoardLogger(tmp_path / "b"),
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -98,7 +98,8 @@ def test_ddp_dual_decoder_checkpoint_within_an_epoch_holds_all_processes_sums(da
     sum would count it twice), and the epoch's total counts every pixel once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--trainer.max_epochs=1", "--data.batch_size=2", "--data.train_augment=false"]
-    common += ["--trainer.strategy=ddp", "--trainer.devices=2"]
+    # Forked second process (ddp_fork; the test above runs the `ddp` launcher): no second import.
+    common += ["--trainer.strategy=ddp_fork", "--trainer.devices=2"]
 
     def fit(out: Path, extra: list[str]) -> list[dict[str, Any]]:
         command = [sys.executable, "main.py", "fit", *cli_args(data_root, out, method=DUAL_DECODER), *common, *extra]
@@ -142,7 +143,7 @@ def test_ddp_test_with_one_image_on_two_processes_finishes(tmp_path: Path) -> No
     out = tmp_path / "out"
     command = [
         sys.executable, "main.py", "test", *cli_args(root, out),
-        "--trainer.strategy=ddp", "--trainer.devices=2",
+        "--trainer.strategy=ddp_fork", "--trainer.devices=2",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -65,6 +65,7 @@ def accumulate(kind: str, shards, first_rank: int = 0) -> tuple[AnomalyMetrics, 
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)  # a forked process must not use the parent's OpenMP pool
     warnings.filterwarnings("ignore", message=".*leaves error bounds above")
     dist.init_process_group(
         "gloo",
@@ -121,7 +122,8 @@ def _same(a, b) -> bool:
 
 
 def test_two_processes_equal_one_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    # Forked (not spawned) processes: no second import of torch and the project.
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
     for kind in SETTINGS:
         shards = make_shards(kind)

@@ -144,8 +144,14 @@ def test_init_checkpoint_copies_network_and_rejects_other_files(tmp_path: Path) 
 
 
 def test_pretrained_weights_offline_gives_instructions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    # The hub reads both variables when it is imported (another test may have imported it): without
+    # these, it would try the network and wait for its timeouts.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     with pytest.raises(PretrainedWeightsError, match="huggingface-cli download .*encoder_weights: null"):
         build_encoder("resnet18", "imagenet")
 
