@@ -31,8 +31,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is unreadable, unsafe, or belongs to an incompatible method."""
 
 
-def load_checkpoint_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True``; clear errors for bad files."""
+def load_checkpoint_file(
+    path: str | os.PathLike[str], map_location: Any = "cpu", lightning_layout: bool = True
+) -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True``; clear errors for bad files.
+
+    ``lightning_layout=False`` accepts any dict (e.g. the bare weights Lightning's fork/spawn
+    launchers pass from rank 0 to the main process after ``fit``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
@@ -45,7 +50,7 @@ def load_checkpoint_file(path: str | os.PathLike[str], map_location: Any = "cpu"
             "truncated, corrupt, or holds objects other than tensors and plain data (which could run code "
             "when unpickled)"
         ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    if not isinstance(checkpoint, dict) or (lightning_layout and "state_dict" not in checkpoint):
         raise CheckpointError(f"checkpoint '{path}' is not a Lightning checkpoint (no 'state_dict')")
     return checkpoint
 
@@ -115,7 +120,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         if "://" in str(path) or weights_only is False:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        return load_checkpoint_file(path, map_location=map_location if map_location is not None else "cpu")
+        # Users' checkpoints are checked for the Lightning layout before Lightning reads them
+        # (resolve_ckpt_path); here Lightning also reads its launchers' bare weights files.
+        location = map_location if map_location is not None else "cpu"
+        return load_checkpoint_file(path, map_location=location, lightning_layout=False)
 
 
 def _loads(path: Path) -> bool:

@@ -39,3 +39,14 @@ def test_atomic_checkpoint_io_round_trip(tmp_path: Path) -> None:
     loaded = io.load_checkpoint(path)
     assert loaded["epoch"] == 1 and torch.equal(loaded["state_dict"]["w"], torch.arange(3.0))
     assert [p.name for p in path.parent.iterdir()] == ["ok.ckpt"]  # no temporary files left
+
+
+def test_checkpoint_io_reads_the_bare_weights_of_lightnings_fork_launcher(tmp_path: Path) -> None:
+    """After ``fit`` under ``ddp_fork``/``ddp_spawn`` rank 0 passes its weights to the main process as
+    a bare state dict through the checkpoint IO; a user's ``--ckpt_path`` must still be a Lightning
+    checkpoint (``tests/test_ddp_equality.py`` fits with ``ddp_fork`` through ``main.py``)."""
+    path = tmp_path / ".temp.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"net.w": torch.arange(3.0)}, path)
+    assert torch.equal(AtomicCheckpointIO().load_checkpoint(path)["net.w"], torch.arange(3.0))
+    with pytest.raises(CheckpointError, match="is not a Lightning checkpoint"):
+        load_checkpoint_file(path)
