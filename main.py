@@ -1326,6 +1326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # LightningCLI reads sys.argv itself when given None (and warns when given both).
     cli_args = None if argv is None else list(argv)
+    if argv is None:  # the process's own command: it ends when this returns
+        PreemptionCheckpoint.ignore_signals_after_stop = True
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)

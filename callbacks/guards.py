@@ -123,6 +123,13 @@ class PreemptionCheckpoint(L.Callback):
             upon at most this many batches late; SLURM's warning comes 90 s before the end).
     """
 
+    #: Set by ``main.main`` when it is the process's command (``python main.py``): after a stop
+    #: signal the handlers become no-ops until the process exits, instead of the defaults coming
+    #: back while it finishes (SIGUSR1's default action ends the process: a second signal to a
+    #: rank that had already stopped turned its exit code 138 into -10). In-process callers get
+    #: their handlers back.
+    ignore_signals_after_stop: bool = False
+
     def __init__(
         self,
         signals: Sequence[str] = ("SIGTERM", "SIGUSR1"),
@@ -171,7 +178,10 @@ class PreemptionCheckpoint(L.Callback):
         for signum, previous in self._previous.items():
             # Only undo our own registration; Lightning restores its handlers itself.
             if signal.getsignal(signum) == self._handler:
-                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+                if self.received is not None and self.ignore_signals_after_stop:
+                    signal.signal(signum, signal.SIG_IGN)
+                else:
+                    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous = {}
 
     def _silence_lightning_sigterm_broadcast(self, trainer: L.Trainer) -> None:

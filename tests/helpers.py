@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 import zlib
 from collections.abc import Callable
@@ -224,7 +223,79 @@ def callbacks_arg(*callbacks: tuple[str, dict[str, Any]]) -> str:
     return f"--trainer.callbacks={json.dumps(items)}"
 
 
-def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float, what: str) -> None:
+class ForkedMain:
+    """``python main.py *argv`` as a child forked from this process, with a ``Popen``-like handle.
+
+    The child starts from this process's imports (a fresh ``python main.py`` spends about 10 s of
+    CPU importing torch and Lightning on the CI machine): it writes its stdout and stderr to
+    ``log``, runs ``main.main`` with one thread and leaves with its exit code, or is ended by a
+    signal (``returncode`` is then minus the signal, as for ``Popen``). Lightning's own log lines
+    go to the handlers this process already had, not to ``log``.
+    """
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        import sys
+        import traceback
+
+        import main
+
+        descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: what `python main.py *argv` does, interpreter exit included
+            code = 1
+            try:
+                os.dup2(descriptor, 1)
+                os.dup2(descriptor, 2)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+                sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+                os.chdir(REPO)
+                os.environ.update(env or {})
+                torch.set_num_threads(1)
+                sys.argv = ["main.py", *argv]
+                code = main.main()
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(descriptor)
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                os.kill(self.pid, 9)
+                self.wait(60)
+                raise TimeoutError(f"main.py (pid {self.pid}) did not finish within {timeout} s")
+            time.sleep(0.02)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+
+def run_forked_main(argv: list[str], log: Path, timeout: float = 600) -> tuple[int, str]:
+    """:class:`ForkedMain` to the end: its exit code and what it wrote."""
+    code = ForkedMain(argv, log).wait(timeout)
+    return code, log.read_text()
+
+
+def wait_for(condition: Callable[[], bool], proc: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:

@@ -20,6 +20,7 @@ import main
 from tests.helpers import (
     REPO,
     STEPS_PER_EPOCH,
+    ForkedMain,
     callbacks_arg,
     checkpoint_dir,
     cli_args,
@@ -27,6 +28,7 @@ from tests.helpers import (
     load,
     method_config_args,
     mtime,
+    run_forked_main,
     wait_for,
 )
 
@@ -40,7 +42,7 @@ def test_sigkill_during_fit_then_resume_reaches_full_step_count(data_root: Path,
     count, and no partial checkpoint is left behind."""
     out, epochs = tmp_path / "kill", 8  # 24 steps: three kills after 2-4 writes each stay below it
     command = [
-        sys.executable, "main.py", "fit", *cli_args(data_root, out),
+        "fit", *cli_args(data_root, out),
         f"--trainer.max_epochs={epochs}", "--checkpoint.every_n_train_steps=1", "--ckpt_path=last",
     ]  # fmt: skip
     folder = checkpoint_dir(out)
@@ -52,20 +54,20 @@ def test_sigkill_during_fit_then_resume_reaches_full_step_count(data_root: Path,
     rng = random.Random(20240607)
     steps_at_kill: list[int] = []
     for attempt, moment in enumerate(("random", "mid-write", "random")):
-        with open(tmp_path / f"kill{attempt}.log", "wb") as log:
-            proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-            # Wait for 2 or 3 new writes of last.ckpt, whatever the machine's speed.
-            written_at = []
-            for _ in range(rng.randint(2, 3)):
-                before = mtime(last)
-                wait_for(lambda: mtime(last) > before, proc, 240, "a new last.ckpt")  # noqa: B023
-                written_at.append(time.monotonic())
-            if moment == "random":  # somewhere in the next step: forward/backward or its write
-                time.sleep(rng.uniform(0.0, written_at[-1] - written_at[-2]))
-            else:  # as soon as the next write has started
-                wait_for(lambda: bool(temporaries()), proc, 240, "a checkpoint write")
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
+        # each run: `python main.py fit ...`, forked from this process (no second import)
+        proc = ForkedMain(command, tmp_path / f"kill{attempt}.log")
+        # Wait for 2 or 3 new writes of last.ckpt, whatever the machine's speed.
+        written_at = []
+        for _ in range(rng.randint(2, 3)):
+            before = mtime(last)
+            wait_for(lambda: mtime(last) > before, proc, 240, "a new last.ckpt")  # noqa: B023
+            written_at.append(time.monotonic())
+        if moment == "random":  # somewhere in the next step: forward/backward or its write
+            time.sleep(rng.uniform(0.0, written_at[-1] - written_at[-2]))
+        else:  # as soon as the next write has started
+            wait_for(lambda: bool(temporaries()), proc, 240, "a checkpoint write")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
         assert proc.returncode == -signal.SIGKILL, f"run {attempt} ended on its own before the kill"
         # The kill leaves the previous last.ckpt intact and, from an interrupted write, only a
         # hidden temporary file that is not named *.ckpt.
@@ -78,8 +80,8 @@ def test_sigkill_during_fit_then_resume_reaches_full_step_count(data_root: Path,
         steps_at_kill.append(load(last)["global_step"])
     assert steps_at_kill == sorted(steps_at_kill) and steps_at_kill[-1] < epochs * STEPS_PER_EPOCH, steps_at_kill
 
-    finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    code, output = run_forked_main(command, tmp_path / "finished.log")
+    assert code == 0, output[-3000:]
     final = load(last)
     assert final["global_step"] == epochs * STEPS_PER_EPOCH
     assert final["epoch"] == epochs
@@ -130,15 +132,16 @@ def test_sigterm_saves_last_and_the_same_command_resumes_in_the_same_folder(data
     signal often lands in a validation pass, which finishes; the checkpoint is saved at the end of
     the next training batch (a signal during a training batch: test_signal_in_a_batch_saves_...)."""
     out, epochs = tmp_path / "preempted", 3
-    command = [sys.executable, "main.py", "fit", *cli_args(data_root, out), f"--trainer.max_epochs={epochs}"]
+    command = ["fit", *cli_args(data_root, out), f"--trainer.max_epochs={epochs}"]
     command.append("--ckpt_path=last")  # what a requeued job runs, the first time too
     last = checkpoint_dir(out) / "last.ckpt"
-    with open(tmp_path / "term.log", "wb") as log:
-        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
-        wait_for(last.exists, proc, 240, "the first epoch's checkpoint")
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+    # `python main.py fit ...`, forked from this process (no second import); stdout and stderr
+    # both go to its log, whose last line is the one the command ends with
+    proc = ForkedMain(command, tmp_path / "term.log")
+    wait_for(last.exists, proc, 240, "the first epoch's checkpoint")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
     stderr = (tmp_path / "term.log").read_text()
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "Traceback" not in stderr
@@ -151,8 +154,8 @@ def test_sigterm_saves_last_and_the_same_command_resumes_in_the_same_folder(data
     print(f"SIGTERM: exit {proc.returncode}, last.ckpt at step {stopped_at}: {message}")
 
     # The requeued job runs the same command: config.yaml exists already, the folder is the same.
-    resumed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    code, output = run_forked_main(command, tmp_path / "resumed.log")
+    assert code == 0, output[-3000:]
     assert load(last)["global_step"] == epochs * STEPS_PER_EPOCH
     assert [p.name for p in (out / "run").iterdir()] == ["run"]
     assert len(list((out / "run" / "run").glob("events.out.tfevents.*"))) == 2  # one per process, same folder
@@ -179,6 +182,34 @@ def test_signal_in_a_batch_saves_last_at_that_step_and_the_same_command_continue
 
     assert main.main(command) == 0
     assert load(last)["global_step"] == 3 * STEPS_PER_EPOCH
+
+
+def test_a_stopping_command_ignores_further_stop_signals_until_it_exits(data_root: Path, tmp_path: Path) -> None:
+    """``python main.py`` (no argv: the process's own command) that stopped on SIGUSR1 keeps ignoring
+    SIGUSR1 and SIGTERM until it exits: a second warning to a rank that had finished stopping
+    (SLURM signals every task, not all at the same instant) used to end it with -10 instead of 138."""
+    out = tmp_path / "stopping"
+    argv = ["fit", *cli_args(data_root, out), "--trainer.max_epochs=3"]
+    argv.append(callbacks_arg(("SignalAt", {"step": 3, "signum": int(signal.SIGUSR1)})))
+    proc = ForkedMain(argv, tmp_path / "stopping.log")  # main.main() with sys.argv, as `python main.py`
+    code = proc.wait(300)
+    output = (tmp_path / "stopping.log").read_text()
+    assert code == 128 + signal.SIGUSR1, output[-3000:]
+    assert "stopped: training stopped by SIGUSR1 after global step 3" in output
+    # In a process that outlives main.main (this one), the earlier handlers come back instead.
+    from callbacks.guards import PreemptionCheckpoint
+
+    guard = PreemptionCheckpoint()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    for ignore, expected in ((False, handlers), (True, dict.fromkeys(handlers, signal.SIG_IGN))):
+        guard.ignore_signals_after_stop = ignore
+        guard._install()
+        guard.received = int(signal.SIGUSR1)
+        guard._uninstall()
+        assert {s: signal.getsignal(s) for s in handlers} == expected
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        guard.received = None
 
 
 def test_the_preemption_handler_records_and_calls_the_earlier_handlers_but_not_lightnings() -> None:
