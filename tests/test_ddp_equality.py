@@ -24,6 +24,7 @@ from tests.helpers import (
     checkpoint_dir,
     cli_args,
     load,
+    run_forked_main,
 )
 
 # --------------------------------------------------------------------------------------- 3. DDP
@@ -50,10 +51,15 @@ def test_ddp_dual_decoder_epoch_statistics_equal_one_process(data_root: Path, tm
     def fit(world: int, extra: list[str], *callbacks: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
         out = outs[world]
         record = ("EpochStatistics", {"directory": str(out / "epochs")})
-        command = [sys.executable, "main.py", "fit", *cli_args(data_root, out, method=DUAL_DECODER), *common, *extra]
-        command.append(callbacks_arg(record, *callbacks))
-        run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
+        argv = ["fit", *cli_args(data_root, out, method=DUAL_DECODER), *common, *extra]
+        argv.append(callbacks_arg(record, *callbacks))
+        if world == 2:  # the `ddp` launcher starts rank 1 as `python main.py ...`: a real program
+            command = [sys.executable, "main.py", *argv]
+            run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            assert run.returncode == 0, run.stderr[-3000:]
+        else:
+            code, log = run_forked_main(argv, tmp_path / "world1.log")
+            assert code == 0, log[-3000:]
         return [torch.load(out / "epochs" / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
     rank0, rank1 = fit(2, ["--trainer.strategy=ddp", "--trainer.devices=2"])
@@ -96,16 +102,16 @@ def test_ddp_dual_decoder_checkpoint_within_an_epoch_holds_all_processes_sums(da
     both processes' epoch accumulators (rank 0's alone would lose rank 1's pixels); resumed from
     it on 2 processes, rank 0 starts from that sum and rank 1 from zero (each starting from the
     sum would count it twice), and the epoch's total counts every pixel once."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = ["--trainer.max_epochs=1", "--data.batch_size=2", "--data.train_augment=false"]
-    # Forked second process (ddp_fork; the test above runs the `ddp` launcher): no second import.
+    # Forked from this process, with a forked second rank (ddp_fork; the test above runs the `ddp`
+    # launcher): no fresh interpreter.
     common += ["--trainer.strategy=ddp_fork", "--trainer.devices=2"]
 
     def fit(out: Path, extra: list[str]) -> list[dict[str, Any]]:
-        command = [sys.executable, "main.py", "fit", *cli_args(data_root, out, method=DUAL_DECODER), *common, *extra]
-        command.append(callbacks_arg(("EpochStatistics", {"directory": str(out / "epochs")})))
-        run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
+        argv = ["fit", *cli_args(data_root, out, method=DUAL_DECODER), *common, *extra]
+        argv.append(callbacks_arg(("EpochStatistics", {"directory": str(out / "epochs")})))
+        code, log = run_forked_main(argv, out.with_suffix(".log"))
+        assert code == 0, log[-3000:]
         return [torch.load(out / "epochs" / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     first = tmp_path / "first"
@@ -141,12 +147,8 @@ def test_ddp_test_with_one_image_on_two_processes_finishes(tmp_path: Path) -> No
     root = tmp_path / "data"
     write_synthetic_streethazards(root, 3, 1, 1, image_size=(64, 96), seed=5)
     out = tmp_path / "out"
-    command = [
-        sys.executable, "main.py", "test", *cli_args(root, out),
-        "--trainer.strategy=ddp_fork", "--trainer.devices=2",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    argv = ["test", *cli_args(root, out), "--trainer.strategy=ddp_fork", "--trainer.devices=2"]
+    code, log = run_forked_main(argv, tmp_path / "test.log", timeout=300)
+    assert code == 0, log[-3000:]
     metrics = json.loads((out / "run" / "run" / "metrics.json").read_text())
     assert metrics["num_images"] == 1 and metrics["num_valid_pixels"] <= 64 * 96

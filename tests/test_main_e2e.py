@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ from PIL import Image
 
 import main
 from datamodules.synthetic import write_synthetic_streethazards
-from tests.helpers import REPO, TEST_ENCODER, cli_args, method_config_args
+from tests.helpers import REPO, TEST_ENCODER, cli_args, method_config_args, run_forked_main
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +217,8 @@ def test_compare_seeds_trains_each_seed_in_its_folder_and_summarises_them(tiny_r
 )
 def test_cli_bad_input_is_one_clear_line(argv: list[str], expected: str, tmp_path: Path) -> None:
     args = [argv[0], *method_config_args("sml"), f"--trainer.default_root_dir={tmp_path}", *argv[1:]]
-    proc = subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    last_line = proc.stderr.strip().splitlines()[-1]
+    code, output = run_forked_main(args, tmp_path / "main.log", timeout=300)  # `python main.py`, forked
+    assert code == 2, output[-2000:]
+    last_line = output.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and expected in last_line
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in output
