@@ -88,9 +88,10 @@ def test_test_throughput_runs_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert "(extrapolated)" in row[6]
     for row in returned:
         assert row["images"] == row["num_images_evaluated"] == 4  # the timed test saw the whole split
-    # a second run reuses the dataset instead of writing it again
-    module.main(argv + ["--methods", "sml"])
-    assert "reused" in capsys.readouterr().out
+    assert "4 test images, written in" in output
+    # a second run reuses the dataset instead of writing it again (the step of main() that decides)
+    root, num_test, written = module.prepare_dataset(module.build_parser().parse_args(argv))
+    assert (root, num_test, written) == (tmp_path / "data", 4, None)
 
 
 def test_mixed_precision_check_runs_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
