@@ -230,7 +230,10 @@ class ForkedMain:
     CPU importing torch and Lightning on the CI machine): it writes its stdout and stderr to
     ``log``, runs ``main.main`` with one thread and leaves with its exit code, or is ended by a
     signal (``returncode`` is then minus the signal, as for ``Popen``). Lightning's own log lines
-    go to the handlers this process already had, not to ``log``.
+    go to the handlers this process already had, not to ``log``. Not for ``ddp_fork`` runs: once
+    this process has asked torch about CUDA (``torch.cuda.is_available()`` in any earlier test),
+    torch marks its forked children as bad forks and Lightning's fork launcher refuses to start
+    in one; run those through ``main.main`` in this process.
     """
 
     def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
