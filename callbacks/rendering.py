@@ -124,7 +124,8 @@ def curves_figure(curves: Mapping[str, Mapping[str, np.ndarray]], metrics: Mappi
     """
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10, 4.5), layout="constrained")
+    figure = Figure(figsize=(10, 4.5))
+    figure.subplots_adjust(left=0.06, right=0.99, bottom=0.11, top=0.93, wspace=0.18)
     pr_axes, roc_axes = figure.subplots(1, 2)
     for name, curve in curves.items():
         values = metrics.get(name, {})
@@ -214,7 +215,8 @@ def size_strata_figure(strata: Mapping[str, object]):  # type: ignore[no-untyped
     names = strata.get("operating_points", [])  # type: ignore[attr-defined]
     labels = [_bin_label(b["area_fraction"]) for b in bins]  # type: ignore[index]
     x = np.arange(len(bins))
-    figure = Figure(figsize=(10, 3.8), layout="constrained")
+    figure = Figure(figsize=(10, 3.8))
+    figure.subplots_adjust(left=0.06, right=0.99, bottom=0.17, top=0.92, wspace=0.2)
     recall_axes, aupr_axes = figure.subplots(1, 2)
     width = 0.8 / max(1, 2 * len(names))
     for t, name in enumerate(names):
@@ -239,5 +241,5 @@ def size_strata_figure(strata: Mapping[str, object]):  # type: ignore[no-untyped
 def _bin_label(edges: Sequence[float]) -> str:
     low, high = edges
     if math.isinf(high):
-        return f">= {100 * low:.2g}%"
-    return f"{100 * low:.2g}-{100 * high:.2g}%"
+        return f">= {100 * low:.3g}%"
+    return f"{100 * low:.3g}-{100 * high:.3g}%"
