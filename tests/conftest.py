@@ -37,6 +37,34 @@ LONGEST_FILES_FIRST = (
 )
 
 
+REPO = Path(__file__).resolve().parents[1]
+# What pytest and Python themselves may add at the top of the repository.
+_TOOL_ENTRIES = {".pytest_cache", "__pycache__", ".ruff_cache"}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+        session.config.stash[_REPO_ENTRIES] = {path.name for path in REPO.iterdir()}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a test wrote into the repository's top folder (a logger-less Trainer writes
+    its results to the working directory: two such files were once committed by accident)."""
+    before = session.config.stash.get(_REPO_ENTRIES, None)
+    if before is None:
+        return
+    new = sorted({path.name for path in REPO.iterdir()} - before - _TOOL_ENTRIES)
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(f"error: the tests wrote into the repository: {', '.join(new)}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_REPO_ENTRIES = pytest.StashKey[set]()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's order is kept

@@ -100,10 +100,13 @@ def loader(data: Dataset) -> DataLoader:
 
 
 def make_trainer(root: Path, callbacks: list, logger=None, **kwargs) -> L.Trainer:
+    # default_root_dir: without a logger, results (metrics.json) go to trainer.log_dir, which is
+    # then default_root_dir; Lightning's default, the working directory, is the repository.
     return L.Trainer(
         accelerator="cpu",
         devices=1,
         max_epochs=1,
+        default_root_dir=root,
         logger=logger if logger is not None else TensorBoardLogger(root),
         enable_checkpointing=False,
         enable_progress_bar=False,
