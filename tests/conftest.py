@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from datamodules.synthetic import write_synthetic_streethazards
+from tests.helpers import REPO
 
 if "PYTEST_XDIST_WORKER" in os.environ:
     # Parallel workers share the cores: one thread each (and in the subprocesses they start),
@@ -37,9 +38,9 @@ LONGEST_FILES_FIRST = (
 )
 
 
-REPO = Path(__file__).resolve().parents[1]
 # What pytest and Python themselves may add at the top of the repository.
 _TOOL_ENTRIES = {".pytest_cache", "__pycache__", ".ruff_cache"}
+_REPO_ENTRIES = pytest.StashKey[set]()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -60,9 +61,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             reporter.ensure_newline()
             reporter.write_line(f"error: the tests wrote into the repository: {', '.join(new)}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-_REPO_ENTRIES = pytest.StashKey[set]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

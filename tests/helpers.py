@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import traceback
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -237,9 +239,6 @@ class ForkedMain:
     """
 
     def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        import sys
-        import traceback
-
         import main
 
         descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
