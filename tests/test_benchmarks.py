@@ -179,9 +179,11 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path: Path) -> None:
     summary lists them; about 50 s of CPU on the CI machine."""
     import os
     import subprocess
+    import sys
 
     out = tmp_path / "gpu_check"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The script runs `$PYTHON` (default `python`): this interpreter, whatever is first on PATH.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     completed = subprocess.run(
         ["bash", str(BENCHMARKS / "gpu_check.sh"), "--dry-run", f"--out={out}"],
         capture_output=True, text=True, timeout=600, env=env, check=False,
