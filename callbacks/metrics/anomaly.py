@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
@@ -74,6 +73,7 @@ from callbacks.metrics.functional.per_image import (
     per_image_metrics_sorted,
     sort_images,
 )
+from callbacks.metrics.packed_sync import PackedSyncMetric, gather_states
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX
 
 __all__ = ["CI_KEYS", "PER_IMAGE_FIELDS", "AnomalyMetrics", "check_num_bits"]
@@ -173,7 +173,7 @@ def check_num_bits(num_bits: Any) -> int:
     return int(num_bits)
 
 
-class AnomalyMetrics(Metric):
+class AnomalyMetrics(PackedSyncMetric):
     """Pixel-level anomaly metrics over a whole split, in both published protocols.
 
     ``update(scores, mask)`` takes anomaly scores ``[B, H, W]`` (any float dtype; higher = more
@@ -617,13 +617,8 @@ class AnomalyMetrics(Metric):
         # (exact), then let torchmetrics sum/min/max the states. torchmetrics cached the local
         # state before this call and restores it on unsync.
         group = process_group or self.process_group
-        names = ("coarse_shift", "coarse_count", "coarse_min", "coarse_max", "coarse_align")
-        gathered = {name: dist_sync_fn(getattr(self, name), group=group) for name in names}
-        levels = dist_sync_fn(self.level.reshape(1), group=group)
-        states = [
-            {**{name: gathered[name][rank] for name in names}, "level": levels[rank].reshape(())}
-            for rank in range(len(levels))
-        ]
+        names = ("coarse_shift", "coarse_count", "coarse_min", "coarse_max", "coarse_align", "level")
+        states = gather_states({name: getattr(self, name) for name in names}, dist_sync_fn, group)
         merged = self._adopt_merged(states)
         self.coarse_align = merged["coarse_align"]
         if self.bootstrap_samples:

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from callbacks.metrics.functional.components import (
     SIOU_THRESHOLDS,
@@ -18,11 +17,12 @@ from callbacks.metrics.functional.components import (
     label_anomalies,
 )
 from callbacks.metrics.functional.operating_points import check_thresholds
+from callbacks.metrics.packed_sync import PackedSyncMetric
 
 __all__ = ["ComponentMetrics"]
 
 
-class ComponentMetrics(Metric):
+class ComponentMetrics(PackedSyncMetric):
     """sIoU, PPV, TP/FN/FP and F1 of anomaly components at each of ``thresholds`` (score thresholds).
 
     Every image is binarised at each score threshold and split into components as the

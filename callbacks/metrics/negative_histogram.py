@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from callbacks.metrics.functional import (
@@ -23,6 +22,7 @@ from callbacks.metrics.functional import (
     range_layout,
     rebin_tensors,
 )
+from callbacks.metrics.packed_sync import PackedSyncMetric
 
 __all__ = ["NegativeScoreHistogram"]
 
@@ -31,7 +31,7 @@ _EMPTY_KEY_MIN = 1 << 31
 _EMPTY_KEY_MAX = -(1 << 31) - 1
 
 
-class NegativeScoreHistogram(Metric):
+class NegativeScoreHistogram(PackedSyncMetric):
     """Counts of negative pixels per grouping, per class and per score bin: ``[G, K, 2**num_bits]``.
 
     A *grouping* assigns each pixel a class: e.g. its ground-truth class (G=0) and the class the

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 from torchmetrics.utilities.data import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
@@ -30,12 +29,13 @@ from callbacks.metrics.functional.bootstrap import (
     percentile_interval,
     resample_weights,
 )
+from callbacks.metrics.packed_sync import PackedSyncMetric
 from datamodules.labels import ANOMALY_INDEX, IGNORE_INDEX
 
 __all__ = ["SegmentationMetrics"]
 
 
-class SegmentationMetrics(Metric):
+class SegmentationMetrics(PackedSyncMetric):
     """Closed-set segmentation quality from a confusion matrix over the known classes.
 
     ``update(preds_or_logits, target)``: logits ``[B, K, H, W]`` (argmax over ``K``) or class

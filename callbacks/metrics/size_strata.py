@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from callbacks.metrics.functional.components import image_component_table, label_anomalies
 from callbacks.metrics.functional.operating_points import check_thresholds
+from callbacks.metrics.packed_sync import PackedSyncMetric
 
 __all__ = ["SizeStrataMetrics", "check_size_bins", "size_bin_of"]
 
@@ -41,7 +41,7 @@ def size_bin_of(areas: np.ndarray, edges_px: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges_px, areas, side="right")
 
 
-class SizeStrataMetrics(Metric):
+class SizeStrataMetrics(PackedSyncMetric):
     """Per size bin of anomaly components: count, found at each threshold, pixel recall at each threshold.
 
     Components are the 8-connected anomaly regions of each image with no size filter (the view

@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from callbacks.metrics.packed_sync import PackedSyncMetric
 
 __all__ = ["SplitCounts"]
 
 
-class SplitCounts(Metric):
+class SplitCounts(PackedSyncMetric):
     """Exact int64 counts of images, valid (non-ignored) pixels and anomaly pixels seen.
 
     >>> import torch

@@ -7,14 +7,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from callbacks.metrics.functional.operating_points import check_thresholds, counts_at_thresholds, rates_from_counts
+from callbacks.metrics.packed_sync import PackedSyncMetric
 
 __all__ = ["ThresholdCounts"]
 
 
-class ThresholdCounts(Metric):
+class ThresholdCounts(PackedSyncMetric):
     """TPR, FPR, precision and F1 of "flag ``score >= threshold``" at each of ``thresholds``.
 
     Integer counts on the scores' device (no host synchronisation in ``update``), summed across
