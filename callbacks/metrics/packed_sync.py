@@ -10,6 +10,7 @@ nothing else, so the synced states are bitwise those of the per-state path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,19 +45,15 @@ def gather_states(
     }
     gathered = []
     for rank, rank_meta in enumerate(metas):
-        values, shapes = rank_meta.tolist(), {}
-        for name in names:
-            ndim, values = values[0], values[1:]
-            shapes[name], values = tuple(values[:ndim]), values[ndim:]
+        values = iter(rank_meta.tolist())  # per name: ndim, then the sizes
         offsets = dict.fromkeys(dtypes, 0)
         own = {}
         for name in names:
-            dtype, numel = states[name].dtype, 1
-            for size in shapes[name]:
-                numel *= size
+            shape = tuple(next(values) for _ in range(next(values)))
+            dtype = states[name].dtype
             start = offsets[dtype]
-            own[name] = flat[dtype][rank][start : start + numel].reshape(shapes[name])
-            offsets[dtype] = start + numel
+            offsets[dtype] += math.prod(shape)
+            own[name] = flat[dtype][rank][start : offsets[dtype]].reshape(shape)
         gathered.append(own)
     return gathered
 
